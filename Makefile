@@ -1,0 +1,51 @@
+# The README's two commands are `make run` and `make test`; both build or
+# refresh the virtual environment first, so they work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv run test lint fmt typecheck protos protos-check bench check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the whole service on the embedded broker with demo traffic.
+run: $(STAMP)
+	$(BIN)/pool-server --embedded --demo $(ARGS)
+
+## Install what is needed and run the test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy pool server clients
+
+## Regenerate the committed protobuf / gRPC code (and typed stubs).
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+## Fail if the committed generated code differs from a fresh generation.
+protos-check: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py --check
+
+bench: $(STAMP)
+	$(BIN)/python bench/pool_bench.py
+
+check: lint typecheck protos-check test
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,90 @@
+"""The contract both pools implement, and the handler contract."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from typing import Protocol, TypeAlias
+
+from pool._deadletter import DeadLetter
+from pool._message import Message
+
+#: A handler takes one message and returns nothing; raising means failure.
+#: ``async def`` handlers run on the event loop; plain functions run in a
+#: bounded thread pool with the same ordering guarantee.
+Handler: TypeAlias = Callable[[Message], Awaitable[None]] | Callable[[Message], None]
+
+#: Resolves when the event is finished: ``None`` when handled, the
+#: :class:`DeadLetter` when the pool gave up on it. It never resolves with an
+#: exception, except ``CancelledError`` if the pool is terminated.
+Completion: TypeAlias = "asyncio.Future[DeadLetter | None]"
+
+
+class PoolMode(StrEnum):
+    KEYED = "keyed"
+    ACTOR = "actor"
+
+
+class Pool(Protocol):
+    """A pool of sequential executors routed by aggregate ID.
+
+    Events of one aggregate always go to the same executor and are handled
+    one at a time, in submission order. Each executor has a bounded queue;
+    nothing is ever dropped.
+    """
+
+    @property
+    def mode(self) -> PoolMode:
+        """Which kind of pool this is."""
+
+    @property
+    def size(self) -> int:
+        """Number of executors."""
+
+    @property
+    def capacity(self) -> int:
+        """Bound on each executor's depth (queued + running)."""
+
+    def executor_for(self, aggregate_id: str) -> int:
+        """Index of the executor that handles ``aggregate_id``. Never blocks."""
+
+    def submit_nowait(self, message: Message) -> Completion:
+        """Enqueue ``message`` without waiting; return its completion.
+
+        Raises :class:`QueueFullError` (nothing enqueued) when the target
+        executor is at capacity and :class:`PoolClosedError` after ``close()``.
+        """
+
+    async def submit(self, message: Message) -> Completion:
+        """Enqueue ``message``, waiting only while the target queue is full.
+
+        Returns as soon as the message is queued (not when it is handled).
+        Raises :class:`PoolClosedError` after ``close()``.
+        """
+
+    async def wait_for_space(self, index: int) -> None:
+        """Return once executor ``index`` is below capacity (or the pool closes)."""
+
+    def depth(self, index: int) -> int:
+        """Exact depth (queued + running) of executor ``index``. Never blocks."""
+
+    def depths(self) -> list[int]:
+        """Exact depth of every executor, by index. Never blocks."""
+
+    @property
+    def in_flight(self) -> int:
+        """Events submitted and not yet finished, across all executors."""
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every event submitted so far is finished.
+
+        Does not stop intake. Raises :class:`DrainTimeoutError` on timeout.
+        """
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Refuse new events, drain (bounded by ``timeout``), then stop the executors.
+
+        Idempotent. Events still unfinished at the deadline are cancelled
+        (their completions are cancelled, never resolved as handled).
+        """
