@@ -2,6 +2,7 @@
 the live mode switch, dead letters and metrics. Pure asyncio: no Kafka, no gRPC.
 """
 
+from pool._actor import ActorFactory, ActorPool
 from pool._deadletter import DeadLetter, DeadLetterReason
 from pool._errors import (
     DrainTimeoutError,
@@ -10,17 +11,26 @@ from pool._errors import (
     PoolError,
     QueueFullError,
 )
+from pool._executor import BasePool, FinishListener
+from pool._keyed import KeyedWorkerPool
 from pool._message import Message
 from pool._metrics import NoopMetrics, PoolMetrics, PrometheusPoolMetrics
 from pool._protocol import Completion, Handler, Pool, PoolMode
+from pool._retry import RestartBudget, RetryPolicy
 from pool._routing import Router, executor_index, fnv1a_32
+from pool._switch import PoolSwitch, SwitchResult, rollout_bucket
 
 __all__ = [
+    "ActorFactory",
+    "ActorPool",
+    "BasePool",
     "Completion",
     "DeadLetter",
     "DeadLetterReason",
     "DrainTimeoutError",
+    "FinishListener",
     "Handler",
+    "KeyedWorkerPool",
     "Message",
     "NonRetryableError",
     "NoopMetrics",
@@ -29,9 +39,14 @@ __all__ = [
     "PoolError",
     "PoolMetrics",
     "PoolMode",
+    "PoolSwitch",
     "PrometheusPoolMetrics",
     "QueueFullError",
+    "RestartBudget",
+    "RetryPolicy",
     "Router",
+    "SwitchResult",
     "executor_index",
     "fnv1a_32",
+    "rollout_bucket",
 ]

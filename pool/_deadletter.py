@@ -20,6 +20,7 @@ class DeadLetterReason(StrEnum):
     INVALID_AGGREGATE_ID = "invalid-aggregate-id"
     MALFORMED_ENVELOPE = "malformed-envelope"
     OVERSIZED_VALUE = "oversized-value"
+    INTERNAL_ERROR = "internal-error"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,449 @@
+"""Machinery shared by both pools: bounded executor queues, the worker loop,
+handler invocation (async on the loop, sync in a bounded thread pool), drain
+and close. Subclasses decide what happens when a handler fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Self, cast
+
+import structlog
+
+from pool._deadletter import DeadLetter, DeadLetterReason
+from pool._errors import DrainTimeoutError, NonRetryableError, PoolClosedError, QueueFullError
+from pool._message import Message
+from pool._metrics import NoopMetrics, PoolMetrics
+from pool._protocol import Completion, Handler, PoolMode
+from pool._retry import RetryPolicy
+from pool._routing import Router
+
+log = structlog.get_logger("pool")
+
+#: Called synchronously when an event finishes, before its completion resolves.
+FinishListener = Callable[[Message, "DeadLetter | None"], None]
+
+
+def is_async_handler(handler: object) -> bool:
+    """Whether ``handler`` is an ``async def`` function (or a callable object with one)."""
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(handler, "__call__", None)  # noqa: B004 - we want the bound __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class _Executor:
+    """One worker/actor: a bounded FIFO and the bookkeeping around it."""
+
+    __slots__ = (
+        "drain_targets",
+        "finished",
+        "index",
+        "queue",
+        "running",
+        "space_waiters",
+        "submitted",
+        "task",
+        "wakeup",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.queue: deque[tuple[Message, Completion]] = deque()
+        self.running = False
+        self.wakeup: asyncio.Future[None] | None = None
+        self.space_waiters: deque[asyncio.Future[None]] = deque()
+        self.submitted = 0
+        self.finished = 0
+        # (target finished count, drain waiter) pairs: see BasePool.drain.
+        self.drain_targets: list[tuple[int, _DrainWaiter]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.queue) + self.running
+
+
+class _DrainWaiter:
+    __slots__ = ("future", "remaining")
+
+    def __init__(self, future: asyncio.Future[None], remaining: int) -> None:
+        self.future = future
+        self.remaining = remaining
+
+
+class BasePool:
+    """A pool of ``size`` sequential executors with queues bounded by ``capacity``."""
+
+    _mode: PoolMode
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        size: int,
+        capacity: int,
+        retry: RetryPolicy | None = None,
+        metrics: PoolMetrics | None = None,
+        handler_timeout: float | None = None,
+        handler_threads: int = 32,
+        thread_pool: ThreadPoolExecutor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        if capacity < 1:
+            raise ValueError(f"queue capacity must be >= 1, got {capacity}")
+        if handler_timeout is not None and handler_timeout <= 0:
+            raise ValueError(f"handler_timeout must be > 0, got {handler_timeout}")
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {handler!r}")
+        self._handler = handler
+        self._size = size
+        self._capacity = capacity
+        self._retry = retry or RetryPolicy()
+        self._metrics: PoolMetrics = metrics or NoopMetrics()
+        self._handler_timeout = handler_timeout
+        self._own_threads = thread_pool is None
+        self._threads_n = handler_threads
+        self._thread_pool = thread_pool
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rand = rand
+        self._router = Router(size)
+        self._executors = [_Executor(i) for i in range(size)]
+        self._in_flight = 0
+        self._listeners: list[FinishListener] = []
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._close_lock = asyncio.Lock()
+
+    # ----------------------------------------------------------- properties
+    @property
+    def mode(self) -> PoolMode:
+        return self._mode
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def executor_for(self, aggregate_id: str) -> int:
+        return self._router(aggregate_id)
+
+    def depth(self, index: int) -> int:
+        return self._executors[index].depth
+
+    def depths(self) -> list[int]:
+        return [ex.depth for ex in self._executors]
+
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        """Call ``listener(message, dead_letter_or_none)`` synchronously as each event finishes.
+
+        It runs before the event's completion resolves, on the event loop,
+        and must not raise or block.
+        """
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the executor tasks (idempotent; ``submit`` starts them lazily too)."""
+        if self._started:
+            return
+        if self._closing:
+            raise PoolClosedError(f"{self._mode} pool is closed")
+        self._started = True
+        if self._thread_pool is None:
+            self._thread_pool = ThreadPoolExecutor(
+                max_workers=self._threads_n, thread_name_prefix=f"{self._mode}-handler"
+            )
+        for ex in self._executors:
+            ex.task = asyncio.create_task(self._run(ex), name=f"{self._mode}-executor-{ex.index}")
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------- intake
+    def submit_nowait(self, message: Message) -> Completion:
+        if self._closing:
+            raise PoolClosedError(f"{self._mode} pool is closed; submit refused")
+        if not self._started:
+            self.start()
+        ex = self._executors[self._router(message.aggregate_id)]
+        depth = len(ex.queue) + ex.running
+        if depth >= self._capacity:
+            raise QueueFullError(ex.index, self._capacity)
+        future: Completion = asyncio.get_running_loop().create_future()
+        ex.queue.append((message, future))
+        ex.submitted += 1
+        self._in_flight += 1
+        metrics = self._metrics
+        metrics.message_sent(ex.index)
+        metrics.inbox_depth(ex.index, depth + 1, self._capacity)
+        wakeup = ex.wakeup
+        if wakeup is not None:
+            ex.wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
+        return future
+
+    async def submit(self, message: Message) -> Completion:
+        while True:
+            try:
+                return self.submit_nowait(message)
+            except QueueFullError as full:
+                await self.wait_for_space(full.index)
+
+    async def wait_for_space(self, index: int) -> None:
+        ex = self._executors[index]
+        while not self._closing and ex.depth >= self._capacity:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            ex.space_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                # A cancelled waiter passes its wake-up on, so none is lost.
+                if waiter.cancelled():
+                    self._wake_space(ex)
+
+    def _wake_space(self, ex: _Executor) -> None:
+        waiters = ex.space_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # --------------------------------------------------------- the worker
+    async def _run(self, ex: _Executor) -> None:
+        loop = asyncio.get_running_loop()
+        queue = ex.queue
+        metrics = self._metrics
+        capacity = self._capacity
+        listeners = self._listeners
+        while True:
+            if not queue:
+                ex.wakeup = loop.create_future()
+                await ex.wakeup
+                continue
+            message, future = queue.popleft()
+            ex.running = True
+            try:
+                outcome = await self._process(ex.index, message)
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+            except Exception as bug:  # a defect of ours must not kill the executor
+                log.exception("pool.internal_error", mode=self._mode.value, executor=ex.index)
+                outcome = self._dead_letter(
+                    ex.index, message, DeadLetterReason.INTERNAL_ERROR, bug, attempts=0
+                )
+            finally:
+                ex.running = False
+                ex.finished += 1
+                self._in_flight -= 1
+            metrics.inbox_depth(ex.index, len(queue), capacity)
+            for listener in listeners:
+                listener(message, outcome)
+            if not future.done():
+                future.set_result(outcome)
+            if ex.space_waiters:
+                self._wake_space(ex)
+            if ex.drain_targets:
+                self._check_drain(ex)
+
+    def _runner(self, index: int) -> Callable[[Message], Any]:
+        """The coroutine function that runs the handler of executor ``index`` once."""
+        raise NotImplementedError
+
+    def _on_crash(self, index: int, error: BaseException) -> bool:
+        """React to a handler failure; False escalates (dead letter at once)."""
+        return True
+
+    async def _process(self, index: int, message: Message) -> DeadLetter | None:
+        """Handle ``message`` to the end: None when handled, else its dead letter.
+
+        Failures are retried under the retry policy with backoff (the events
+        queued behind it wait, so order holds), then dead-lettered.
+        """
+        metrics = self._metrics
+        clock = self._clock
+        attempts = 0
+        while True:
+            attempts += 1
+            started = clock()
+            try:
+                await self._runner(index)(message)
+            except asyncio.CancelledError:
+                raise
+            except NonRetryableError as exc:
+                # A deliberate rejection, not a crash: dead letter at once.
+                metrics.message_processed(index, False, clock() - started)
+                return self._dead_letter(
+                    index, message, DeadLetterReason.NON_RETRYABLE, exc, attempts
+                )
+            except BaseException as exc:  # noqa: BLE001 - a handler must never crash the pool
+                metrics.message_processed(index, False, clock() - started)
+                if not self._on_crash(index, exc):
+                    return self._dead_letter(
+                        index, message, DeadLetterReason.RESTART_BUDGET_EXHAUSTED, exc, attempts
+                    )
+                if not self._retry.should_retry(attempts):
+                    reason = (
+                        DeadLetterReason.HANDLER_TIMEOUT
+                        if isinstance(exc, TimeoutError)
+                        else DeadLetterReason.RETRIES_EXHAUSTED
+                    )
+                    return self._dead_letter(index, message, reason, exc, attempts)
+                await asyncio.sleep(self._retry.backoff(attempts, self._rand()))
+            else:
+                metrics.message_processed(index, True, clock() - started)
+                return None
+
+    def _new_runner(self, handler: Handler) -> Callable[[Message], Any]:
+        """A coroutine function that runs ``handler`` once, with the timeout."""
+        timeout = self._handler_timeout
+        if is_async_handler(handler):
+            async_handler = cast("Callable[[Message], Any]", handler)
+            if timeout is None:
+                return async_handler
+
+            async def run_async_with_timeout(message: Message) -> None:
+                async with asyncio.timeout(timeout):
+                    await async_handler(message)
+
+            return run_async_with_timeout
+
+        sync_handler = cast("Callable[[Message], None]", handler)
+
+        async def run_in_thread(message: Message) -> None:
+            # A thread cannot be interrupted: the timeout is not applied to
+            # sync handlers, so one event of an executor never overlaps the next.
+            pool = self._thread_pool
+            await asyncio.get_running_loop().run_in_executor(pool, sync_handler, message)
+
+        return run_in_thread
+
+    def _dead_letter(
+        self,
+        index: int,
+        message: Message,
+        reason: DeadLetterReason,
+        error: BaseException | None,
+        attempts: int,
+    ) -> DeadLetter:
+        self._metrics.dead_letter(index, reason.value)
+        dead = DeadLetter.from_exception(
+            message,
+            reason,
+            error,
+            attempts=attempts,
+            mode=self._mode.value,
+            executor=index,
+            time=self._wall_clock(),
+        )
+        log.warning(
+            "pool.dead_letter",
+            mode=self._mode.value,
+            executor=index,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            aggregate_id=message.aggregate_id,
+            reason=reason.value,
+            error_type=dead.error_type,
+            error=dead.error_message,
+            attempts=attempts,
+        )
+        return dead
+
+    # -------------------------------------------------- drain and close
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every event submitted before this call is finished."""
+        loop = asyncio.get_running_loop()
+        waiter = _DrainWaiter(loop.create_future(), 0)
+        for ex in self._executors:
+            if ex.finished < ex.submitted:
+                ex.drain_targets.append((ex.submitted, waiter))
+                waiter.remaining += 1
+        if waiter.remaining == 0:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter.future
+        except TimeoutError:
+            raise DrainTimeoutError(self._in_flight, timeout or 0.0) from None
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+                for ex in self._executors:
+                    ex.drain_targets = [t for t in ex.drain_targets if t[1] is not waiter]
+
+    def _check_drain(self, ex: _Executor) -> None:
+        keep: list[tuple[int, _DrainWaiter]] = []
+        for target, waiter in ex.drain_targets:
+            if ex.finished >= target:
+                waiter.remaining -= 1
+                if waiter.remaining == 0 and not waiter.future.done():
+                    waiter.future.set_result(None)
+            else:
+                keep.append((target, waiter))
+        ex.drain_targets = keep
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Refuse new events, finish queued ones (bounded by ``timeout``), stop.
+
+        Idempotent. Events unfinished at the deadline have their completions
+        cancelled; they were never reported as handled.
+        """
+        async with self._close_lock:
+            if self._closed:
+                return
+            self._closing = True
+            for ex in self._executors:  # submitters blocked on a full queue
+                while ex.space_waiters:
+                    waiter = ex.space_waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
+            if self._started:
+                try:
+                    await self.drain(timeout)
+                except DrainTimeoutError as exc:
+                    log.warning(
+                        "pool.close_timeout", mode=self._mode.value, remaining=exc.remaining
+                    )
+                tasks = [ex.task for ex in self._executors if ex.task is not None]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for ex in self._executors:
+                    while ex.queue:
+                        _, future = ex.queue.popleft()
+                        future.cancel()
+                if self._own_threads and self._thread_pool is not None:
+                    self._thread_pool.shutdown(wait=False, cancel_futures=True)
+            self._closed = True

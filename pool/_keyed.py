@@ -1,0 +1,30 @@
+"""The keyed worker pool: N workers, each a task with a bounded queue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pool._executor import BasePool
+from pool._message import Message
+from pool._protocol import Handler, PoolMode
+
+
+class KeyedWorkerPool(BasePool):
+    """Each aggregate is pinned to one worker (FNV-1a routing); a worker handles
+    one event at a time, in queue order.
+
+    A failing event is retried in place under the retry policy, then
+    dead-lettered; the worker goes on with the next event.
+    """
+
+    _mode = PoolMode.KEYED
+
+    def __init__(
+        self, handler: Handler, *, size: int = 256, queue_size: int = 1000, **kw: Any
+    ) -> None:
+        super().__init__(handler, size=size, capacity=queue_size, **kw)
+        self._handler_run = self._new_runner(handler)
+
+    def _runner(self, index: int) -> Callable[[Message], Any]:
+        return self._handler_run

@@ -1,0 +1,399 @@
+"""The live mode switch: both pools, one routing rule, atomic changes.
+
+The rule: in ``KEYED`` mode every aggregate goes to the keyed pool; in
+``ACTOR`` mode an aggregate goes to the actor pool when its rollout bucket
+(FNV-1a of ``"rollout:" + aggregate_id``, modulo 10 000) is below the rollout
+share in basis points, else to the keyed pool. Buckets are fixed per
+aggregate, so raising the share only ever moves aggregates keyed → actor, and
+an aggregate never flips back and forth as the share grows.
+
+Order across changes: the switch tracks, per aggregate, which pool holds its
+unfinished events and how many. An event whose target pool differs from the
+pool still holding that aggregate's earlier events is *held* (in order) until
+those finish; then the held events go to the target pool. Aggregates with
+nothing in flight switch at once. Changing the rule is a synchronous
+assignment on the event loop, so it is atomic: every event submitted after
+``set_mode``/``set_rollout`` returns is routed by the new rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Self
+
+import structlog
+
+from pool._deadletter import DeadLetter
+from pool._errors import DrainTimeoutError, PoolClosedError, QueueFullError
+from pool._executor import BasePool
+from pool._message import Message
+from pool._protocol import Completion, PoolMode
+from pool._routing import fnv1a_32
+
+log = structlog.get_logger("pool")
+
+ROLLOUT_BUCKETS = 10_000
+
+
+def rollout_bucket(aggregate_id: str) -> int:
+    """The aggregate's fixed rollout bucket in ``[0, 10000)``."""
+    return fnv1a_32(b"rollout:" + aggregate_id.encode("utf-8")) % ROLLOUT_BUCKETS
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchResult:
+    """What a mode or rollout change did."""
+
+    previous_mode: PoolMode
+    mode: PoolMode
+    previous_rollout: float
+    rollout: float
+    generation: int
+    #: From the call until every aggregate that had to wait was handed over
+    #: (or ``wait_timeout`` ran out).
+    took_s: float
+    #: Aggregates that had unfinished events in a pool other than their new target.
+    waited_aggregates: int
+    #: Of those, how many still had events in the old pool when the call returned.
+    pending_aggregates: int
+    changed: bool
+
+
+class _Aggregate:
+    """Where an aggregate's unfinished events are, and what waits for them."""
+
+    __slots__ = ("count", "flushing", "held", "pool")
+
+    def __init__(self, pool: PoolMode) -> None:
+        self.pool = pool
+        self.count = 0
+        self.held: deque[tuple[Message, Completion]] | None = None
+        self.flushing = False
+
+
+class PoolSwitch:
+    """Routes events to the keyed or the actor pool; see the module docstring."""
+
+    def __init__(
+        self,
+        keyed: BasePool,
+        actor: BasePool,
+        *,
+        mode: PoolMode = PoolMode.KEYED,
+        rollout_percent: float = 100.0,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if keyed.mode is not PoolMode.KEYED or actor.mode is not PoolMode.ACTOR:
+            raise TypeError("PoolSwitch(keyed=<keyed pool>, actor=<actor pool>)")
+        self.pools: dict[PoolMode, BasePool] = {PoolMode.KEYED: keyed, PoolMode.ACTOR: actor}
+        self._mode = PoolMode(mode)
+        self._rollout_bp = _to_basis_points(rollout_percent)
+        self._wall_clock = wall_clock
+        self._clock = clock
+        self.generation = 0
+        self.since = wall_clock()
+        self.switches = 0
+        self._aggregates: dict[str, _Aggregate] = {}
+        self._buckets: dict[str, int] = {}
+        self._held = 0
+        self._lock = asyncio.Lock()
+        self._handover: set[str] | None = None
+        self._handover_done: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        keyed.add_finish_listener(self._finished)
+        actor.add_finish_listener(self._finished)
+
+    # ----------------------------------------------------------- state
+    @property
+    def mode(self) -> PoolMode:
+        return self._mode
+
+    @property
+    def rollout_percent(self) -> float:
+        return self._rollout_bp / 100
+
+    @property
+    def in_flight(self) -> int:
+        """Events submitted and not finished, including those held for a handover."""
+        return sum(p.in_flight for p in self.pools.values()) + self._held
+
+    @property
+    def held(self) -> int:
+        """Events waiting for their aggregate's earlier events in the other pool."""
+        return self._held
+
+    def route(self, aggregate_id: str) -> PoolMode:
+        """The pool the current rule sends ``aggregate_id`` to."""
+        return self._target(aggregate_id, self._mode, self._rollout_bp)
+
+    def _target(self, aggregate_id: str, mode: PoolMode, rollout_bp: int) -> PoolMode:
+        if mode is PoolMode.KEYED or rollout_bp <= 0:
+            return PoolMode.KEYED
+        if rollout_bp >= ROLLOUT_BUCKETS:
+            return PoolMode.ACTOR
+        bucket = self._buckets.get(aggregate_id)
+        if bucket is None:
+            if len(self._buckets) >= 65536:
+                self._buckets.clear()
+            bucket = self._buckets[aggregate_id] = rollout_bucket(aggregate_id)
+        return PoolMode.ACTOR if bucket < rollout_bp else PoolMode.KEYED
+
+    def where(self, aggregate_id: str) -> tuple[PoolMode, int]:
+        """(pool, executor index) that handles ``aggregate_id``'s next event."""
+        agg = self._aggregates.get(aggregate_id)
+        mode = agg.pool if agg is not None and agg.held is None else self.route(aggregate_id)
+        return mode, self.pools[mode].executor_for(aggregate_id)
+
+    # ----------------------------------------------------------- intake
+    def submit_nowait(self, message: Message) -> Completion:
+        """Route ``message``; return its completion without waiting.
+
+        Raises :class:`QueueFullError` when the target executor is full
+        (nothing is enqueued or held: the caller keeps the message) and
+        :class:`PoolClosedError` after ``close()``.
+        """
+        if self._closing:
+            raise PoolClosedError("pool switch is closed; submit refused")
+        key = message.aggregate_id
+        target = self._target(key, self._mode, self._rollout_bp)
+        agg = self._aggregates.get(key)
+        if agg is None:
+            future = self.pools[target].submit_nowait(message)
+            agg = self._aggregates[key] = _Aggregate(target)
+            agg.count = 1
+            return future
+        if agg.held is None and agg.pool is target:
+            future = self.pools[target].submit_nowait(message)
+            agg.count += 1
+            return future
+        # Earlier events of this aggregate are unfinished in the other pool
+        # (or already held): wait behind them.
+        outer: Completion = asyncio.get_running_loop().create_future()
+        if agg.held is None:
+            agg.held = deque()
+        agg.held.append((message, outer))
+        self._held += 1
+        return outer
+
+    async def submit(self, message: Message) -> Completion:
+        """Route ``message``, waiting only while the target executor is full."""
+        while True:
+            try:
+                return self.submit_nowait(message)
+            except QueueFullError as full:
+                pool = self.pools[self.where(message.aggregate_id)[0]]
+                await pool.wait_for_space(full.index)
+
+    def _finished(self, message: Message, outcome: DeadLetter | None) -> None:
+        key = message.aggregate_id
+        agg = self._aggregates.get(key)
+        if agg is None:  # pragma: no cover - every submitted event is tracked
+            return
+        agg.count -= 1
+        if agg.count > 0:
+            return
+        if agg.held:
+            if not agg.flushing:
+                self._handed_over(key)
+                self._flush(key, agg)
+            return
+        del self._aggregates[key]
+        self._handed_over(key)
+
+    def _flush(self, key: str, agg: _Aggregate) -> None:
+        """Move the held events of an aggregate whose old pool is now empty."""
+        held = agg.held
+        assert held is not None
+        agg.pool = target = self.route(key)
+        pool = self.pools[target]
+        while held:
+            message, outer = held[0]
+            try:
+                inner = pool.submit_nowait(message)
+            except QueueFullError:
+                agg.flushing = True
+                self._spawn(self._flush_slowly(key, agg))
+                return
+            except PoolClosedError:
+                outer.cancel()
+                held.popleft()
+                self._held -= 1
+                continue
+            held.popleft()
+            self._held -= 1
+            agg.count += 1
+            _chain(inner, outer)
+        agg.held = None
+
+    async def _flush_slowly(self, key: str, agg: _Aggregate) -> None:
+        held = agg.held
+        assert held is not None
+        pool = self.pools[agg.pool]
+        try:
+            while held:
+                message, outer = held[0]
+                try:
+                    inner = await pool.submit(message)
+                except PoolClosedError:
+                    outer.cancel()
+                else:
+                    agg.count += 1
+                    _chain(inner, outer)
+                held.popleft()
+                self._held -= 1
+        finally:
+            agg.flushing = False
+            agg.held = None
+            if agg.count == 0 and self._aggregates.get(key) is agg:
+                del self._aggregates[key]
+
+    def _handed_over(self, key: str) -> None:
+        pending = self._handover
+        if pending is not None and key in pending:
+            pending.discard(key)
+            if not pending and self._handover_done is not None:
+                self._handover_done.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------- changes
+    async def set_mode(self, mode: PoolMode, *, wait_timeout: float | None = 5.0) -> SwitchResult:
+        """Switch the mode; see :meth:`_change`."""
+        return await self._change(PoolMode(mode), None, wait_timeout)
+
+    async def set_rollout(
+        self, percent: float, *, wait_timeout: float | None = 5.0
+    ) -> SwitchResult:
+        """Set the share (0-100 %) of aggregates the actor pool takes in ACTOR mode."""
+        return await self._change(None, _to_basis_points(percent), wait_timeout)
+
+    async def _change(
+        self, mode: PoolMode | None, rollout_bp: int | None, wait_timeout: float | None
+    ) -> SwitchResult:
+        """Install a new rule atomically, then wait (up to ``wait_timeout``) until
+        the aggregates that had events in flight in their old pool are handed over.
+
+        Concurrent changes are serialised. The new rule is in force when the
+        first ``await`` of this method completes: events submitted afterwards
+        are routed by it (held behind their aggregate's earlier events if needed).
+        """
+        async with self._lock:
+            started = self._clock()
+            prev_mode, prev_bp = self._mode, self._rollout_bp
+            new_mode = prev_mode if mode is None else mode
+            new_bp = prev_bp if rollout_bp is None else rollout_bp
+            changed = (new_mode, new_bp) != (prev_mode, prev_bp)
+            waiting: set[str] = set()
+            if changed:
+                self._mode, self._rollout_bp = new_mode, new_bp
+                self.generation += 1
+                self.switches += 1
+                self.since = self._wall_clock()
+                waiting = {
+                    key
+                    for key, agg in self._aggregates.items()
+                    if agg.held or agg.pool is not self._target(key, new_mode, new_bp)
+                }
+            waited = len(waiting)
+            if waiting and wait_timeout != 0:
+                self._handover = waiting
+                self._handover_done = asyncio.Event()
+                try:
+                    async with asyncio.timeout(wait_timeout):
+                        await self._handover_done.wait()
+                except TimeoutError:
+                    pass
+                finally:
+                    self._handover = None
+                    self._handover_done = None
+            result = SwitchResult(
+                previous_mode=prev_mode,
+                mode=new_mode,
+                previous_rollout=prev_bp / 100,
+                rollout=new_bp / 100,
+                generation=self.generation,
+                took_s=self._clock() - started,
+                waited_aggregates=waited,
+                pending_aggregates=len(waiting),
+                changed=changed,
+            )
+            if changed:
+                log.info(
+                    "pool.switched",
+                    from_mode=prev_mode.value,
+                    to_mode=new_mode.value,
+                    from_rollout=result.previous_rollout,
+                    to_rollout=result.rollout,
+                    generation=result.generation,
+                    took_ms=round(result.took_s * 1000, 3),
+                    waited_aggregates=waited,
+                    pending_aggregates=result.pending_aggregates,
+                )
+            return result
+
+    # -------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        for pool in self.pools.values():
+            pool.start()
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every event submitted so far (held ones included) is finished."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._held or self._tasks:
+                    # Held events move to a pool as their aggregate's old events finish.
+                    await asyncio.gather(*(p.drain() for p in self.pools.values()))
+                    if self._tasks:
+                        await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.gather(*(p.drain() for p in self.pools.values()))
+        except TimeoutError:
+            raise DrainTimeoutError(self.in_flight, timeout or 0.0) from None
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Refuse new events, drain (bounded by ``timeout``), close both pools."""
+        self._closing = True
+        try:
+            await self.drain(timeout)
+        except DrainTimeoutError as exc:
+            log.warning("pool.switch_close_timeout", in_flight=exc.remaining)
+        await asyncio.gather(*(p.close(0) for p in self.pools.values()))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for agg in self._aggregates.values():
+            for _, outer in agg.held or ():
+                outer.cancel()
+
+
+def _to_basis_points(percent: float) -> int:
+    if not isinstance(percent, int | float) or not 0 <= percent <= 100:
+        raise ValueError(f"rollout percent must be within [0, 100], got {percent!r}")
+    return round(percent * 100)
+
+
+def _chain(inner: Completion, outer: Completion) -> None:
+    def copy(done: Completion) -> None:
+        if outer.done():
+            return
+        if done.cancelled():
+            outer.cancel()
+        else:
+            outer.set_result(done.result())
+
+    inner.add_done_callback(copy)
