@@ -1,0 +1,1 @@
+"""Generated control-API code (see scripts/gen_protos.py)."""
