@@ -112,6 +112,9 @@ class ModeSwitch(Protocol):
     def route(self, aggregate_id: str) -> PoolMode:
         """Which pool new events of ``aggregate_id`` go to now. Never blocks."""
 
+    def where(self, aggregate_id: str) -> tuple[PoolMode, int]:
+        """(pool, executor index) that handles ``aggregate_id``'s next event. Never blocks."""
+
     async def set_mode(self, mode: PoolMode, *, wait_timeout: float | None = ...) -> SwitchOutcome:
         """Switch; returns once the new mode is in force. Calls are serialised."""
 
