@@ -56,7 +56,7 @@ def _protos() -> list[Path]:
 def generate(out: Path) -> list[Path]:
     """Generate every proto under ``proto/`` into ``out``; return the files written."""
     import grpc_tools  # type: ignore[import-untyped]
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     protos = _protos()
