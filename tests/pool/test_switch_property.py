@@ -1,0 +1,91 @@
+"""Property: no interleaving of events, failures, mode switches and rollout
+changes breaks per-aggregate order, runs two events of one aggregate at once,
+or loses or duplicates an event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pool import ActorPool, KeyedWorkerPool, Message, PoolMode, PoolSwitch, RetryPolicy
+from tests.pool.conftest import msg
+
+RETRY = RetryPolicy(max_attempts=2, initial_backoff=0.0, max_backoff=0.0, jitter=0.0)
+
+event = st.tuples(
+    st.just("ev"),
+    st.integers(0, 5),  # aggregate
+    st.sampled_from(["ok", "ok", "ok", "transient", "poison"]),
+    st.integers(0, 3),  # handler delay, in loop turns
+)
+mode = st.tuples(st.just("mode"), st.sampled_from([PoolMode.KEYED, PoolMode.ACTOR]), st.booleans())
+rollout = st.tuples(st.just("rollout"), st.integers(0, 100), st.booleans())
+tick = st.tuples(st.just("tick"), st.integers(1, 5))
+operations = st.lists(st.one_of(event, event, event, mode, rollout, tick), max_size=120)
+
+
+async def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    starts: dict[str, list[int]] = defaultdict(list)
+    handled: dict[int, int] = defaultdict(int)
+    active: set[str] = set()
+    overlaps: list[str] = []
+    failed_once: set[int] = set()
+    behaviour: dict[int, tuple[str, int]] = {}
+
+    async def handler(m: Message) -> None:
+        if m.aggregate_id in active:
+            overlaps.append(m.aggregate_id)
+        active.add(m.aggregate_id)
+        starts[m.aggregate_id].append(m.offset)
+        try:
+            kind, delay = behaviour[m.offset]
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            if kind == "poison" or (kind == "transient" and m.offset not in failed_once):
+                failed_once.add(m.offset)
+                raise RuntimeError(kind)
+            handled[m.offset] += 1
+        finally:
+            active.discard(m.aggregate_id)
+
+    keyed = KeyedWorkerPool(handler, size=2, queue_size=3, retry=RETRY)
+    actor = ActorPool(handler, size=2, inbox_size=3, retry=RETRY, max_restarts=10**6)
+    futures: dict[int, asyncio.Future] = {}  # type: ignore[type-arg]
+    async with PoolSwitch(keyed, actor) as sw:
+        offset = 0
+        for op in ops:
+            if op[0] == "ev":
+                _, agg, kind, delay = op
+                behaviour[offset] = (kind, delay)
+                futures[offset] = await sw.submit(msg(f"agg-{agg}", offset))
+                offset += 1
+            elif op[0] == "mode":
+                await sw.set_mode(op[1], wait_timeout=None if op[2] else 0)
+            elif op[0] == "rollout":
+                await sw.set_rollout(op[1], wait_timeout=None if op[2] else 0)
+            else:
+                for _ in range(op[1]):
+                    await asyncio.sleep(0)
+        results = await asyncio.wait_for(asyncio.gather(*futures.values()), 10)
+        assert sw.in_flight == 0
+        assert sw.held == 0
+
+    assert overlaps == []
+    for agg, offs in starts.items():
+        assert offs == sorted(offs), f"{agg} started out of order: {offs}"
+    for off, result in zip(futures, results, strict=True):
+        if behaviour[off][0] == "poison":
+            assert result is not None
+            assert handled[off] == 0
+        else:
+            assert result is None
+            assert handled[off] == 1, f"event {off} handled {handled[off]} times"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations)
+def test_switching_never_breaks_order_or_loses_events(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    asyncio.run(run(ops))
