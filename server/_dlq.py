@@ -1,0 +1,490 @@
+"""The dead-letter sink: publish dead letters to Kafka, remember the recent ones,
+stream them to subscribers, and redrive them to their original topic.
+
+- :meth:`DeadLetterSink.publish` returns only once the broker acknowledged the
+  record (``acks="all"``): the consumer then counts the offset as finished.
+  The record goes to ``topic_template.format(topic=original_topic)`` with the
+  original key and value and the original headers followed by ``dlq-*``
+  headers (see :data:`DLQ_HEADERS`).
+- Each acknowledged dead letter gets an ID: a decimal string, strictly
+  increasing in acknowledgement order (by default it starts at the start-up
+  time in milliseconds x 1000, so IDs keep increasing across restarts).
+- The ring keeps the newest ``ring_size`` dead letters in memory.
+- :meth:`subscribe` yields the backlog after an ID, then live records, through
+  a bounded per-subscriber buffer: a slow reader loses the oldest buffered
+  records (counted in ``skipped``), it never slows publishing.
+- :meth:`redrive` republishes original key/value/headers to the original
+  topic and forgets the republished dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Final
+
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from pool import DeadLetter
+from server._control import DeadLetterFilter, RedriveResult
+from server._logging import event_fields
+
+log = structlog.get_logger("server.dlq")
+
+__all__ = [
+    "DLQ_HEADERS",
+    "DeadLetterSink",
+    "DeadLetterSinkError",
+    "DeadLetterSubscription",
+    "dead_letter_headers",
+]
+
+#: Headers added to each record on the dead-letter topic (after the original ones).
+DLQ_HEADERS: Final = (
+    "dlq-reason",  # DeadLetterReason value, e.g. "retries-exhausted"
+    "dlq-error-type",  # exception class name ("" when none)
+    "dlq-error-message",  # str(exception), truncated to 1 KiB (UTF-8 safe)
+    "dlq-traceback",  # last 4 KiB of the traceback ("" when none)
+    "dlq-original-topic",
+    "dlq-original-partition",
+    "dlq-original-offset",
+    "dlq-original-timestamp",  # ms since the epoch, as consumed
+    "dlq-aggregate-id",
+    "dlq-attempts",
+    "dlq-mode",  # "keyed", "actor" or "intake"
+    "dlq-executor",  # executor index, -1 for intake
+    "dlq-time",  # when it became a dead letter, ms since the epoch
+)
+
+ERROR_MESSAGE_LIMIT: Final = 1024
+TRACEBACK_LIMIT: Final = 4096
+
+
+class DeadLetterSinkError(Exception):
+    """The sink is not started, or is closed."""
+
+
+def _truncate_head(text: str, limit: int) -> bytes:
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return data
+    return data[: limit - 3].decode("utf-8", "ignore").encode() + b"..."
+
+
+def _truncate_tail(text: str, limit: int) -> bytes:
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return data
+    return b"..." + data[-(limit - 3) :].decode("utf-8", "ignore").encode()
+
+
+def dead_letter_headers(dead: DeadLetter) -> list[tuple[str, bytes]]:
+    """The original headers followed by the ``dlq-*`` headers describing ``dead``."""
+    msg = dead.message
+    return [
+        *msg.headers,
+        ("dlq-reason", str(dead.reason).encode()),
+        ("dlq-error-type", dead.error_type.encode("utf-8", "backslashreplace")),
+        ("dlq-error-message", _truncate_head(dead.error_message, ERROR_MESSAGE_LIMIT)),
+        ("dlq-traceback", _truncate_tail(dead.traceback, TRACEBACK_LIMIT)),
+        ("dlq-original-topic", msg.topic.encode()),
+        ("dlq-original-partition", str(msg.partition).encode()),
+        ("dlq-original-offset", str(msg.offset).encode()),
+        ("dlq-original-timestamp", str(msg.timestamp_ms).encode()),
+        ("dlq-aggregate-id", msg.aggregate_id.encode()),
+        ("dlq-attempts", str(dead.attempts).encode()),
+        ("dlq-mode", dead.mode.encode()),
+        ("dlq-executor", str(dead.executor).encode()),
+        ("dlq-time", str(round(dead.time * 1000)).encode()),
+    ]
+
+
+class DeadLetterSubscription:
+    """An async iterator over dead letters: a backlog, then (with ``follow``) live ones.
+
+    ``skipped`` counts live dead letters this subscriber lost because its
+    buffer was full (the oldest buffered ones are dropped). Iteration ends
+    when :meth:`close` is called or the sink closes. Use ``async with`` or
+    call :meth:`close` to unsubscribe.
+    """
+
+    def __init__(
+        self,
+        sink: DeadLetterSink,
+        backlog: list[DeadLetter],
+        matches: Callable[[DeadLetter], bool],
+        *,
+        follow: bool,
+        buffer: int,
+    ) -> None:
+        self._sink = sink
+        self._backlog = deque(backlog)
+        self._matches = matches
+        self._follow = follow
+        self._buffer: deque[DeadLetter] = deque()
+        self._capacity = buffer
+        self._wakeup = asyncio.Event()
+        self._closed = not follow
+        self.skipped = 0
+        self.delivered = 0
+
+    @property
+    def pending(self) -> int:
+        """Dead letters waiting to be read (backlog + buffer)."""
+        return len(self._backlog) + len(self._buffer)
+
+    def _push(self, dead: DeadLetter) -> None:
+        """Called by the sink for every new dead letter; never blocks."""
+        if self._closed or not self._matches(dead):
+            return
+        if len(self._buffer) >= self._capacity:
+            self._buffer.popleft()
+            self.skipped += 1
+        self._buffer.append(dead)
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends after what is already buffered. Idempotent."""
+        if self._follow:
+            self._sink._unsubscribe(self)
+        self._closed = True
+        self._wakeup.set()
+
+    def __aiter__(self) -> DeadLetterSubscription:
+        return self
+
+    async def __anext__(self) -> DeadLetter:
+        while True:
+            if self._backlog:
+                self.delivered += 1
+                return self._backlog.popleft()
+            if self._buffer:
+                self.delivered += 1
+                return self._buffer.popleft()
+            if self._closed:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def __aenter__(self) -> DeadLetterSubscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class DeadLetterSink:
+    """Publishes dead letters to the dead-letter topic and keeps the recent ones.
+
+    Pass ``bootstrap_servers`` (the sink creates and owns an
+    ``AIOKafkaProducer`` with ``acks="all"`` and ``enable_idempotence=False``,
+    which Tansu needs) or an already started ``producer`` (not stopped by the
+    sink). ``start()``/``stop()`` are idempotent; ``async with`` works.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        producer: Any = None,
+        topic_template: str = "{topic}.dlq",
+        ring_size: int = 10_000,
+        client_id: str = "kafka-actor-pool-dlq",
+        producer_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+        id_base: int | None = None,
+    ) -> None:
+        if (bootstrap_servers is None) == (producer is None):
+            raise ValueError("pass exactly one of bootstrap_servers and producer")
+        if ring_size < 1:
+            raise ValueError(f"ring_size must be >= 1, got {ring_size}")
+        topic_template.format(topic="t")  # fail early on a bad template
+        self._bootstrap = bootstrap_servers
+        self._producer: Any = producer
+        self._owns_producer = producer is None
+        self._producer_options = dict(producer_options or {})
+        self._client_id = client_id
+        self.topic_template = topic_template
+        self.ring_size = ring_size
+        self._ring: OrderedDict[str, DeadLetter] = OrderedDict()
+        self._subscribers: set[DeadLetterSubscription] = set()
+        self._listeners: dict[int, Callable[[DeadLetter], None]] = {}
+        self._listener_ids = 0
+        self._clock = clock
+        self._next_id = id_base if id_base is not None else int(clock() * 1000) * 1000
+        self._started = producer is not None
+        self._closed = False
+        self.published = 0
+        self.redriven = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, bootstrap_servers: str, **kwargs: Any) -> DeadLetterSink:
+        """Build from the service ``Settings`` (``deadLetter.topicTemplate``, ``ringSize``)."""
+        return cls(
+            bootstrap_servers,
+            topic_template=settings.dead_letter.topic_template,
+            ring_size=settings.dead_letter.ring_size,
+            client_id=f"{settings.kafka.consumer.client_id}-dlq",
+            **kwargs,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the owned producer. Idempotent."""
+        if self._closed:
+            raise DeadLetterSinkError("the dead-letter sink is closed")
+        if self._started:
+            return
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            acks="all",
+            enable_idempotence=False,
+            **self._producer_options,
+        )
+        await producer.start()
+        self._producer = producer
+        self._started = True
+
+    async def stop(self) -> None:
+        """End every subscription and stop the owned producer. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subscribers):
+            sub.close()
+        self._listeners.clear()
+        if self._owns_producer and self._producer is not None:
+            await self._producer.stop()
+
+    close = stop
+
+    async def __aenter__(self) -> DeadLetterSink:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _require_producer(self) -> Any:
+        if self._closed:
+            raise DeadLetterSinkError("the dead-letter sink is closed")
+        if not self._started or self._producer is None:
+            raise DeadLetterSinkError("the dead-letter sink is not started")
+        return self._producer
+
+    # -- publishing ----------------------------------------------------------------
+
+    def topic_for(self, topic: str) -> str:
+        return self.topic_template.format(topic=topic)
+
+    async def publish(self, dead: DeadLetter) -> DeadLetter:
+        """Publish ``dead`` and wait for the broker's acknowledgement.
+
+        Returns the dead letter with its ``id`` set, after it is in the ring
+        and handed to subscribers. Raises the producer's error (a
+        ``KafkaError``) when the broker did not acknowledge: nothing is
+        recorded then, and the caller may retry.
+        """
+        producer = self._require_producer()
+        msg = dead.message
+        await producer.send_and_wait(
+            self.topic_for(msg.topic),
+            value=msg.value,
+            key=msg.key,
+            headers=dead_letter_headers(dead),
+        )
+        recorded = self._record(dead)
+        log.error(
+            "deadletter.published",
+            **event_fields(msg),
+            id=recorded.id,
+            reason=str(dead.reason),
+            error_type=dead.error_type,
+            error=dead.error_message[:200],
+            attempts=dead.attempts,
+            mode=dead.mode,
+            dlq_topic=self.topic_for(msg.topic),
+        )
+        return recorded
+
+    def _record(self, dead: DeadLetter) -> DeadLetter:
+        self._next_id += 1
+        recorded = dataclasses.replace(dead, id=str(self._next_id))
+        self._ring[recorded.id] = recorded
+        while len(self._ring) > self.ring_size:
+            self._ring.popitem(last=False)
+        self.published += 1
+        for sub in list(self._subscribers):
+            sub._push(recorded)
+        for listener in list(self._listeners.values()):
+            try:
+                listener(recorded)
+            except Exception:
+                log.exception("deadletter.listener_failed", id=recorded.id)
+        return recorded
+
+    # -- reading -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def get(self, dead_letter_id: str) -> DeadLetter | None:
+        return self._ring.get(dead_letter_id)
+
+    def recent(self) -> list[DeadLetter]:
+        """Every dead letter held in memory, oldest first."""
+        return list(self._ring.values())
+
+    def select(
+        self,
+        filter: DeadLetterFilter | None = None,
+        *,
+        ids: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters in memory matching ``filter`` and ``ids`` (when given),
+        oldest first; with ``limit``, the newest ``limit`` of them. Never blocks."""
+        if ids is not None:
+            wanted = [self._ring[i] for i in dict.fromkeys(ids) if i in self._ring]
+            wanted.sort(key=lambda d: int(d.id))
+            found = wanted if filter is None else [d for d in wanted if filter.matches(d)]
+        elif filter is None:
+            found = list(self._ring.values())
+        else:
+            found = [d for d in self._ring.values() if filter.matches(d)]
+        if limit is not None:
+            found = found[-limit:] if limit > 0 else []
+        return found
+
+    def subscribe(
+        self,
+        after_id: str | None = None,
+        *,
+        topic: str | None = None,
+        aggregate_id: str | None = None,
+        error_type: str | None = None,
+        reason: str | None = None,
+        follow: bool = True,
+        buffer: int = 1000,
+    ) -> DeadLetterSubscription:
+        """Iterate dead letters with an ID greater than ``after_id`` (all held in
+        memory when ``None``) matching the filters, then, with ``follow``, new
+        ones as they are published. Raises ``ValueError`` for a non-numeric
+        ``after_id`` or ``buffer < 1``."""
+        if buffer < 1:
+            raise ValueError(f"buffer must be >= 1, got {buffer}")
+        after = -1
+        if after_id:
+            try:
+                after = int(after_id)
+            except ValueError:
+                raise ValueError(f"after_id must be a dead-letter ID, got {after_id!r}") from None
+        flt = DeadLetterFilter(
+            topic=topic or "",
+            aggregate_id=aggregate_id or "",
+            error_type=error_type or "",
+            reason=reason or "",
+        )
+        backlog = [d for d in self._ring.values() if int(d.id) > after and flt.matches(d)]
+        sub = DeadLetterSubscription(self, backlog, flt.matches, follow=follow, buffer=buffer)
+        if follow:
+            if self._closed:
+                sub.close()
+            else:
+                self._subscribers.add(sub)
+        return sub
+
+    def _unsubscribe(self, sub: DeadLetterSubscription) -> None:
+        self._subscribers.discard(sub)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def add_listener(self, callback: Callable[[DeadLetter], None]) -> Callable[[], None]:
+        """Call ``callback`` synchronously for every dead letter recorded from now on
+        (it must not block; exceptions are logged). Returns an idempotent
+        unsubscribe function."""
+        self._listener_ids += 1
+        key = self._listener_ids
+        self._listeners[key] = callback
+
+        def unsubscribe() -> None:
+            self._listeners.pop(key, None)
+
+        return unsubscribe
+
+    # -- redrive -------------------------------------------------------------------
+
+    async def redrive(
+        self, dead_letters: Iterable[DeadLetter]
+    ) -> tuple[list[DeadLetter], list[tuple[DeadLetter, str]]]:
+        """Republish each dead letter's original key, value and headers to its
+        original topic, concurrently, waiting for every acknowledgement.
+
+        Returns ``(republished, failed)``; ``failed`` pairs each dead letter
+        with the error text. Republished dead letters are removed from memory.
+        """
+        producer = self._require_producer()
+        items = list(dead_letters)
+        results = await asyncio.gather(
+            *(
+                producer.send_and_wait(
+                    d.message.topic,
+                    value=d.message.value,
+                    key=d.message.key,
+                    headers=list(d.message.headers),
+                )
+                for d in items
+            ),
+            return_exceptions=True,
+        )
+        republished: list[DeadLetter] = []
+        failed: list[tuple[DeadLetter, str]] = []
+        for dead, result in zip(items, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                failed.append((dead, f"{type(result).__name__}: {result}"))
+            else:
+                republished.append(dead)
+                self._ring.pop(dead.id, None)
+        self.redriven += len(republished)
+        if items:
+            log.warning(
+                "deadletter.redriven",
+                republished=len(republished),
+                failed=len(failed),
+                ids=[d.id for d in republished][:50],
+            )
+        return republished, failed
+
+    async def redrive_matching(
+        self, *, ids: Sequence[str] = (), filter: DeadLetterFilter | None = None
+    ) -> RedriveResult:
+        """:meth:`redrive` the dead letters selected by ``ids`` (else ``filter``)."""
+        chosen = self.select(filter, ids=ids) if ids else self.select(filter)
+        republished, failed = await self.redrive(chosen)
+        return RedriveResult(
+            matched=len(chosen),
+            republished=len(republished),
+            failed=len(failed),
+            errors={d.id: err for d, err in failed},
+        )
