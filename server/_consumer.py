@@ -1,0 +1,758 @@
+"""The Kafka consumer: fetch, dispatch without waiting, track, commit.
+
+One fetch loop takes batches from aiokafka (``getmany``) and hands every
+record to the pool at once (``submit_nowait``): it never waits for an event to
+finish, so a partition's events run in parallel across executors while each
+aggregate keeps its order inside its executor. Completions come back as future
+callbacks that mark offsets finished in a per-partition
+:class:`~server._offsets.OffsetTracker`; a commit task commits each
+partition's highest contiguous finished offset + 1 on an interval, on revoke
+and on shutdown. A dead letter counts as finished only once the dead-letter
+sink has had it acknowledged by the broker.
+
+Pauses. A partition is fetched only when nothing holds it. Holds are kept by
+reason, so an operator pause and a backpressure pause never undo each other:
+
+- ``backpressure``: ``submit_nowait`` found the target queue full. The record
+  and the rest of its partition's batch go to the partition's backlog (order
+  kept), the partition is paused at the consumer, and one task per backlogged
+  partition ``await``s ``submit`` for the backlog; the partition resumes when
+  its backlog is empty.
+- ``operator`` / ``drain``: from the control plane.
+
+A global bound on in-flight events (``max_in_flight``) stops fetching above it
+and resumes below ``low_watermark``: memory stays bounded whatever the mix.
+
+Redeliveries: an event whose offset is at or below one this process already
+dispatched for its partition (after a rebalance gave it back, or a seek) is
+counted. Across process restarts this cannot be known here; handlers that
+must be idempotent key on the envelope's ``event_id``.
+
+Owned tasks: every task is created by :meth:`EventConsumer._spawn` and
+cancelled/awaited by :meth:`EventConsumer.close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from pool import Completion, DeadLetter, Message, PoolClosedError, QueueFullError
+from server._consumer_metrics import PAUSE_REASONS, ConsumerMetrics
+from server._control import CommittedOffset, DrainProgress, PartitionStatus
+from server._offsets import CommitPolicy, OffsetTracker
+
+log = structlog.get_logger("server.consumer")
+
+OPERATOR = "operator"
+DRAIN = "drain"
+BACKPRESSURE = "backpressure"
+
+
+class RecordDecoder(Protocol):
+    """Turns a Kafka record into a pool message, or a dead letter when it is unusable."""
+
+    def decode(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        timestamp_ms: int,
+    ) -> Message | DeadLetter: ...
+
+
+class DeadLetterPublisher(Protocol):
+    """Publishes a dead letter; returns only once the broker acknowledged it."""
+
+    async def publish(self, dead: DeadLetter) -> Any: ...
+
+
+class Dispatcher(Protocol):
+    """What the consumer needs from the pool (``pool.PoolSwitch`` fits)."""
+
+    def submit_nowait(self, message: Message) -> Completion: ...
+
+    async def submit(self, message: Message) -> Completion: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerOptions:
+    """How to consume. ``kafka`` is passed to ``AIOKafkaConsumer`` as extra keyword
+    arguments (security settings and the like)."""
+
+    bootstrap_servers: str
+    group_id: str
+    topics: tuple[str, ...]
+    client_id: str = "kafka-actor-pool"
+    commit_interval_s: float = 1.0
+    #: Stop fetching when this many events are in flight ...
+    max_in_flight: int = 100_000
+    #: ... and fetch again once they are at or below this share of it.
+    resume_fraction: float = 0.5
+    #: On revoke, wait at most this long for the revoked partitions' events.
+    revoke_timeout_s: float = 10.0
+    fetch_timeout_ms: int = 100
+    max_records: int = 2_000
+    auto_offset_reset: str = "earliest"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    #: Retry backoff of a dead-letter publish that failed (the offset stays unfinished).
+    dlq_retry_backoff_s: float = 0.5
+    kafka: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.topics:
+            raise ValueError("at least one topic is required")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if not 0 <= self.resume_fraction < 1:
+            raise ValueError(f"resume_fraction must be in [0, 1), got {self.resume_fraction}")
+        CommitPolicy(self.commit_interval_s)  # validates the interval
+
+    @property
+    def low_watermark(self) -> int:
+        return int(self.max_in_flight * self.resume_fraction)
+
+
+class _Partition:
+    """State of one assigned partition, for one assignment."""
+
+    __slots__ = (
+        "abandoned",
+        "backlog",
+        "backlog_task",
+        "committed",
+        "consumed_counter",
+        "finished",
+        "holds",
+        "kafka_paused",
+        "revoked",
+        "tp",
+        "tracker",
+    )
+
+    def __init__(self, tp: TopicPartition, committed: int | None) -> None:
+        self.tp = tp
+        self.tracker = OffsetTracker()
+        self.backlog: deque[tuple[int, Message]] = deque()
+        self.backlog_task: asyncio.Task[None] | None = None
+        self.committed = committed
+        self.holds: set[str] = set()
+        self.kafka_paused = False
+        self.revoked = False
+        self.finished = 0
+        #: Tracked offsets that will never finish here (dropped backlog on revoke,
+        #: events cancelled by a terminated pool): excluded from "busy".
+        self.abandoned = 0
+        self.consumed_counter: Any = None
+
+    @property
+    def busy(self) -> int:
+        """Events of this partition in the pool or awaiting a dead-letter ack."""
+        return self.tracker.in_flight - self.abandoned - len(self.backlog)
+
+    @property
+    def position(self) -> int | None:
+        last = self.tracker.last_added
+        return self.committed if last is None else last + 1
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: EventConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._owner._on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._owner._on_assigned(list(assigned))
+
+
+class EventConsumer:
+    """Consumes ``options.topics`` in group ``options.group_id`` into ``dispatcher``.
+
+    Use as ``async with EventConsumer(...)`` or ``start()`` / ``close()``. For
+    a graceful stop: :meth:`stop_fetching`, :meth:`wait_finished`,
+    :meth:`commit`, :meth:`close` (what :meth:`shutdown` does).
+    """
+
+    def __init__(
+        self,
+        options: ConsumerOptions,
+        *,
+        decoder: RecordDecoder,
+        dispatcher: Dispatcher,
+        dead_letters: DeadLetterPublisher,
+        metrics: ConsumerMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self._decoder = decoder
+        self._dispatcher = dispatcher
+        self._sink = dead_letters
+        self.metrics = metrics if metrics is not None else ConsumerMetrics()
+        self._clock = clock
+        self._policy = CommitPolicy(options.commit_interval_s)
+        self._consumer: Any = None
+        self._parts: dict[TopicPartition, _Partition] = {}
+        #: Highest offset ever dispatched per partition, across assignments.
+        self._max_dispatched: dict[TopicPartition, int] = {}
+        #: Operator / drain holds by partition; ``None`` key set means "all".
+        self._holds_all: set[str] = set()
+        self._holds_some: dict[str, set[TopicPartition]] = {OPERATOR: set(), DRAIN: set()}
+        self._in_flight = 0
+        self._finished_total = 0
+        self._throttled = False
+        self._room = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._last_commit_at = clock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._fetching = False
+        self._closed = False
+        self._assigned_once = asyncio.Event()
+        self._fatal: BaseException | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        o = self.options
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=o.bootstrap_servers,
+            group_id=o.group_id,
+            client_id=o.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=o.auto_offset_reset,
+            session_timeout_ms=o.session_timeout_ms,
+            heartbeat_interval_ms=o.heartbeat_interval_ms,
+            max_poll_interval_ms=o.max_poll_interval_ms,
+            **o.kafka,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe(list(o.topics), listener=_Listener(self))
+        self._fetching = True
+        self._fetch_task = self._spawn(self._fetch_loop(), "consumer.fetch")
+        self._spawn(self._commit_loop(), "consumer.commit")
+        log.info("consumer.started", topics=list(o.topics), group_id=o.group_id)
+
+    async def __aenter__(self) -> EventConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("consumer.task_failed", task=task.get_name(), error=repr(exc))
+            if self._fatal is None:
+                self._fatal = exc
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The first unexpected error of a consumer task (the service stops on it)."""
+        return self._fatal
+
+    async def stop_fetching(self) -> None:
+        """Stop taking new records (already fetched ones keep being dispatched)."""
+        self._fetching = False
+        task, self._fetch_task = self._fetch_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._consumer is not None:
+            for part in self._parts.values():
+                self._apply_pause(part)
+
+    async def wait_finished(
+        self,
+        timeout: float | None,
+        partitions: Sequence[TopicPartition] | None = None,
+        progress: Callable[[DrainProgress], None] | None = None,
+    ) -> int:
+        """Wait until the listed (default all) partitions have nothing in flight.
+
+        Returns how many events are still in flight at the end (0 = done).
+        Calls ``progress`` about every 100 ms and on completion.
+        """
+        start = self._clock()
+        deadline = None if timeout is None else start + timeout
+        finished_at_start = self._finished_total
+
+        def remaining() -> int:
+            if partitions is None:
+                return self._in_flight
+            return sum(p.tracker.in_flight for tp, p in self._parts.items() if tp in partitions)
+
+        while True:
+            left = remaining()
+            if progress is not None:
+                progress(
+                    DrainProgress(
+                        finished=self._finished_total - finished_at_start,
+                        remaining=left,
+                        elapsed_s=self._clock() - start,
+                    )
+                )
+            if left == 0:
+                return 0
+            wait = 0.1
+            if deadline is not None:
+                wait = min(wait, deadline - self._clock())
+                if wait <= 0:
+                    return left
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), wait)
+
+    async def shutdown(self, timeout: float) -> int:
+        """Stop fetching, wait up to ``timeout`` for in-flight events, commit, close.
+
+        Returns the number of events left unfinished (their offsets are not committed).
+        """
+        await self.stop_fetching()
+        left = await self.wait_finished(timeout)
+        await self.commit()
+        await self.close()
+        return left
+
+    async def close(self) -> None:
+        """Cancel every task and leave the group. Idempotent; does not commit."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fetching = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            # Our revoke listener must not wait or commit while aiokafka leaves.
+            for part in self._parts.values():
+                part.revoked = True
+            await consumer.stop()
+        self._parts.clear()
+        log.info("consumer.closed")
+
+    # ------------------------------------------------------------- fetching
+
+    async def _fetch_loop(self) -> None:
+        consumer = self._consumer
+        o = self.options
+        while self._fetching:
+            if self._in_flight >= o.max_in_flight:
+                self._throttled = True
+                self.metrics.throttled.set(1)
+                self._room.clear()
+                await self._room.wait()
+                self._throttled = False
+                self.metrics.throttled.set(0)
+                continue
+            # Never take more than the room left under the bound.
+            room = min(o.max_records, o.max_in_flight - self._in_flight)
+            batches = await consumer.getmany(timeout_ms=o.fetch_timeout_ms, max_records=room)
+            for tp, records in batches.items():
+                part = self._parts.get(tp)
+                if part is None or part.revoked or not records:
+                    continue  # not ours any more: the new owner reads them again
+                self._dispatch_batch(part, records)
+
+    def _dispatch_batch(self, part: _Partition, records: Sequence[Any]) -> None:
+        tracker = part.tracker
+        tp = part.tp
+        decode = self._decoder.decode
+        max_seen = self._max_dispatched.get(tp, -1)
+        redelivered = 0
+        part.consumed_counter.inc(len(records))
+        for record in records:
+            offset = record.offset
+            last = tracker.last_added
+            if last is not None and offset <= last:
+                # Already dispatched in this assignment (a seek back): the first
+                # dispatch covers it, and its offset is tracked.
+                redelivered += 1
+                continue
+            if offset <= max_seen:
+                redelivered += 1
+            else:
+                max_seen = offset
+            tracker.add(offset)
+            self._in_flight += 1
+            item = decode(
+                record.topic,
+                record.partition,
+                offset,
+                record.key,
+                record.value,
+                record.headers,
+                record.timestamp,
+            )
+            if isinstance(item, DeadLetter):
+                self.metrics.intake_dead_letters.labels(str(item.reason)).inc()
+                self._spawn(self._dead_letter(part, offset, item), "consumer.dlq")
+                continue
+            if part.backlog or part.backlog_task is not None:
+                part.backlog.append((offset, item))
+                continue
+            try:
+                completion = self._dispatcher.submit_nowait(item)
+            except QueueFullError:
+                part.backlog.append((offset, item))
+                part.holds.add(BACKPRESSURE)
+                self._apply_pause(part)
+                part.backlog_task = self._spawn(
+                    self._submit_backlog(part), f"consumer.backlog[{tp.topic}:{tp.partition}]"
+                )
+                continue
+            except PoolClosedError:
+                # Shutting down: this offset stays unfinished (never committed).
+                log.warning("consumer.pool_closed", topic=tp.topic, partition=tp.partition)
+                part.abandoned += 1
+                self._in_flight -= 1
+                break
+            completion.add_done_callback(partial(self._completed, part, offset))
+        self._max_dispatched[tp] = max_seen
+        if redelivered:
+            self.metrics.redeliveries.labels(tp.topic, str(tp.partition)).inc(redelivered)
+        self.metrics.in_flight.set(self._in_flight)
+
+    async def _submit_backlog(self, part: _Partition) -> None:
+        """Submit a backpressured partition's backlog in order, waiting for room."""
+        backlog = part.backlog
+        try:
+            while backlog and not part.revoked:
+                offset, message = backlog[0]
+                completion = await self._dispatcher.submit(message)
+                backlog.popleft()
+                completion.add_done_callback(partial(self._completed, part, offset))
+        except PoolClosedError:
+            part.abandoned += len(backlog)
+            self._in_flight -= len(backlog)
+            backlog.clear()
+            return
+        finally:
+            part.backlog_task = None
+        if not part.revoked:
+            part.holds.discard(BACKPRESSURE)
+            self._apply_pause(part)
+
+    # ---------------------------------------------------------- completion
+
+    def _completed(self, part: _Partition, offset: int, completion: Completion) -> None:
+        if completion.cancelled():
+            # The pool was terminated with the event unfinished: never commit past it.
+            part.abandoned += 1
+            self._in_flight -= 1
+            self._progress.set()
+            return
+        outcome = completion.result()
+        if outcome is None:
+            self._finish(part, offset)
+        else:
+            self._spawn(self._dead_letter(part, offset, outcome), "consumer.dlq")
+
+    async def _dead_letter(self, part: _Partition, offset: int, dead: DeadLetter) -> None:
+        """Publish until acknowledged, then mark the offset finished."""
+        while True:
+            try:
+                await self._sink.publish(dead)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure: keep the offset unfinished, retry
+                log.warning(
+                    "consumer.dead_letter_publish_failed",
+                    topic=part.tp.topic,
+                    partition=part.tp.partition,
+                    offset=offset,
+                    error=repr(exc),
+                )
+                await asyncio.sleep(self.options.dlq_retry_backoff_s)
+            else:
+                self._finish(part, offset)
+                return
+
+    def _finish(self, part: _Partition, offset: int) -> None:
+        part.tracker.done(offset)
+        part.finished += 1
+        self._finished_total += 1
+        self._in_flight -= 1
+        self._progress.set()
+        if self._throttled and self._in_flight <= self.options.low_watermark:
+            self._room.set()
+
+    # ---------------------------------------------------------------- commit
+
+    async def _commit_loop(self) -> None:
+        tick = min(self.options.commit_interval_s, 0.25)
+        while True:
+            await asyncio.sleep(tick)
+            now = self._clock()
+            if self._policy.should_commit(now, self._last_commit_at, self._dirty()):
+                await self.commit()
+            self._update_gauges()
+
+    def _dirty(self) -> bool:
+        for part in self._parts.values():
+            c = part.tracker.committable
+            if c is not None and (part.committed is None or c > part.committed):
+                return True
+        return False
+
+    async def commit(
+        self, partitions: Iterable[TopicPartition] | None = None
+    ) -> list[CommittedOffset]:
+        """Commit the committable offsets of owned partitions (all, or those listed).
+
+        Returns what was committed by this call. Failures are counted and logged,
+        never raised: the next commit carries the same offsets.
+        """
+        parts = (
+            list(self._parts.values())
+            if partitions is None
+            else [p for tp in partitions if (p := self._parts.get(tp)) is not None]
+        )
+        return await self._commit([p for p in parts if not p.revoked])
+
+    async def _commit(self, parts: list[_Partition]) -> list[CommittedOffset]:
+        async with self._commit_lock:
+            offsets: dict[TopicPartition, int] = {}
+            parts_by_tp = {p.tp: p for p in parts}
+            for part in parts:
+                c = part.tracker.committable
+                if c is None:
+                    continue
+                if part.committed is None or c > part.committed:
+                    offsets[part.tp] = c
+            self._last_commit_at = self._clock()
+            if not offsets or self._consumer is None:
+                return []
+            started = time.perf_counter()
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as exc:
+                self.metrics.commit_failures.inc()
+                log.warning("consumer.commit_failed", error=repr(exc), partitions=len(offsets))
+                return []
+            self.metrics.commit_latency.observe(time.perf_counter() - started)
+            result = []
+            for tp, offset in offsets.items():
+                parts_by_tp[tp].committed = offset
+                result.append(CommittedOffset(tp.topic, tp.partition, offset))
+            self._progress.set()
+            return result
+
+    # -------------------------------------------------------------- rebalance
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        consumer = self._consumer
+        for tp in assigned:
+            committed = None
+            with contextlib.suppress(KafkaError):
+                committed = await consumer.committed(tp)
+            part = _Partition(tp, committed)
+            part.consumed_counter = self.metrics.consumed.labels(tp.topic, str(tp.partition))
+            self._parts[tp] = part
+            self._apply_pause(part)
+        self.metrics.rebalances.labels("assigned").inc(len(assigned))
+        log.info(
+            "consumer.assigned",
+            partitions=[f"{tp.topic}:{tp.partition}" for tp in sorted(assigned)],
+        )
+        self._assigned_once.set()
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        parts = [p for tp in revoked if (p := self._parts.get(tp)) is not None]
+        if not parts or self._closed:
+            return
+        started = self._clock()
+        for part in parts:
+            part.revoked = True  # stop dispatching; the backlog is dropped (not finished)
+            task = part.backlog_task
+            if task is not None:
+                task.cancel()
+        for part in parts:
+            if part.backlog_task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await part.backlog_task
+            # Backlogged offsets were never dispatched: they stay unfinished in
+            # the tracker (so no commit passes them), but are not in flight.
+            part.abandoned += len(part.backlog)
+            self._in_flight -= len(part.backlog)
+            part.backlog.clear()
+        tps = [p.tp for p in parts]
+        # Wait (bounded) for what the pool still runs of these partitions.
+        deadline = started + self.options.revoke_timeout_s
+        while True:
+            busy = sum(p.busy for p in parts)
+            if busy == 0 or self._clock() >= deadline:
+                break
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), min(0.1, deadline - self._clock()))
+        # Commit them while aiokafka still counts them as ours.
+        committed = await self._commit(parts)
+        left = sum(p.busy for p in parts)
+        for tp in tps:
+            self._parts.pop(tp, None)
+            self.metrics.forget_partition(tp.topic, tp.partition)
+        self.metrics.rebalances.labels("revoked").inc(len(tps))
+        log.info(
+            "consumer.revoked",
+            partitions=[f"{tp.topic}:{tp.partition}" for tp in sorted(tps)],
+            committed=len(committed),
+            unfinished=left,
+            took_ms=round((self._clock() - started) * 1000, 1),
+        )
+
+    # ------------------------------------------------------------ pause/resume
+
+    def _apply_pause(self, part: _Partition) -> None:
+        """Make the consumer's pause state of ``part`` match its holds."""
+        tp = part.tp
+        holds = part.holds
+        for reason in (OPERATOR, DRAIN):
+            if reason in self._holds_all or tp in self._holds_some[reason]:
+                holds.add(reason)
+            else:
+                holds.discard(reason)
+        want = bool(holds) or not self._fetching
+        consumer = self._consumer
+        if consumer is None or part.revoked:
+            return
+        if want and not part.kafka_paused:
+            consumer.pause(tp)
+            part.kafka_paused = True
+        elif not want and part.kafka_paused:
+            consumer.resume(tp)
+            part.kafka_paused = False
+
+    @property
+    def assignment(self) -> list[TopicPartition]:
+        return sorted(self._parts)
+
+    def hold(
+        self, reason: str, partitions: Sequence[TopicPartition] | None
+    ) -> list[TopicPartition]:
+        """Pause ``partitions`` (all assigned, now and later, when ``None``) for ``reason``."""
+        if partitions is None:
+            self._holds_all.add(reason)
+        else:
+            self._holds_some[reason].update(partitions)
+        for part in self._parts.values():
+            self._apply_pause(part)
+        return [tp for tp, p in sorted(self._parts.items()) if reason in p.holds]
+
+    def release(
+        self, reasons: Iterable[str], partitions: Sequence[TopicPartition] | None
+    ) -> list[TopicPartition]:
+        """Lift ``reasons`` from ``partitions`` (all when ``None``); return those released."""
+        before = {tp: set(p.holds) for tp, p in self._parts.items()}
+        for reason in reasons:
+            if partitions is None:
+                self._holds_all.discard(reason)
+                self._holds_some[reason].clear()
+            else:
+                if reason in self._holds_all:
+                    # "all" becomes "all assigned but these".
+                    self._holds_all.discard(reason)
+                    self._holds_some[reason].update(self._parts)
+                self._holds_some[reason].difference_update(partitions)
+        released = []
+        for tp, part in sorted(self._parts.items()):
+            self._apply_pause(part)
+            if before[tp] - part.holds:
+                released.append(tp)
+        return released
+
+    # ----------------------------------------------------------------- status
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def finished_total(self) -> int:
+        return self._finished_total
+
+    @property
+    def throttled(self) -> bool:
+        return self._throttled
+
+    async def wait_assigned(self, timeout: float) -> None:
+        """Wait until the first assignment (tests, start-up banner)."""
+        await asyncio.wait_for(self._assigned_once.wait(), timeout)
+
+    def partition_status(self) -> tuple[PartitionStatus, ...]:
+        consumer = self._consumer
+        out = []
+        for tp, part in sorted(self._parts.items()):
+            high = None
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    high = consumer.highwater(tp)
+            lag = None
+            if high is not None:
+                base = part.committed if part.committed is not None else 0
+                lag = max(0, high - base)
+            out.append(
+                PartitionStatus(
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    committed=part.committed,
+                    position=part.position,
+                    high_watermark=high,
+                    lag=lag,
+                    paused=bool(part.holds),
+                    paused_reasons=tuple(r for r in PAUSE_REASONS if r in part.holds),
+                    in_flight=part.tracker.in_flight,
+                )
+            )
+        return tuple(out)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        counts = dict.fromkeys(PAUSE_REASONS, 0)
+        for st in self.partition_status():
+            labels = (st.topic, str(st.partition))
+            if st.lag is not None:
+                m.lag.labels(*labels).set(st.lag)
+            if st.committed is not None:
+                m.committed.labels(*labels).set(st.committed)
+            if st.position is not None:
+                m.position.labels(*labels).set(st.position)
+            for reason in st.paused_reasons:
+                counts[reason] += 1
+        for reason, n in counts.items():
+            m.paused.labels(reason).set(n)
+        m.in_flight.set(self._in_flight)
