@@ -45,6 +45,7 @@ TOPIC = "events"
 def make_switch(
     handler: Handler,
     *,
+    actor_handler: Handler | None = None,
     size: int = 8,
     capacity: int = 100,
     mode: PoolMode = PoolMode.KEYED,
@@ -52,7 +53,7 @@ def make_switch(
 ) -> PoolSwitch:
     retry = RetryPolicy(max_attempts=1, initial_backoff=0.001, max_backoff=0.001, jitter=0.0)
     keyed = KeyedWorkerPool(handler, size=size, queue_size=capacity, retry=retry)
-    actor = ActorPool(handler, size=size, inbox_size=capacity, retry=retry)
+    actor = ActorPool(actor_handler or handler, size=size, inbox_size=capacity, retry=retry)
     return PoolSwitch(keyed, actor, mode=mode, rollout_percent=rollout_percent)
 
 

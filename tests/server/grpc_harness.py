@@ -64,12 +64,15 @@ class Harness:
 async def control_server(
     handler: Handler | None = None,
     *,
+    actor_handler: Handler | None = None,
     mode: PoolMode = PoolMode.KEYED,
     size: int = 8,
     capacity: int = 100,
     **server_kwargs: Any,
 ) -> AsyncIterator[Harness]:
-    switch = make_switch(handler or Gate(), size=size, capacity=capacity, mode=mode)
+    switch = make_switch(
+        handler or Gate(), actor_handler=actor_handler, size=size, capacity=capacity, mode=mode
+    )
     target = StandInControlTarget(switch)
     registry = CollectorRegistry()
     switch.start()
