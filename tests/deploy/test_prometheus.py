@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.deploy import prom
 from tests.deploy.prom import PrometheusServer, binary, wait_for
@@ -42,7 +43,7 @@ def test_promtool_check_rules_accepts_rules_yml() -> None:
 def test_promtool_check_config_accepts_scrape_config() -> None:
     result = promtool("check", "config", str(prom.SCRAPE_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
-    config = prom.yaml.safe_load(prom.SCRAPE_CONFIG.read_text())
+    config = yaml.safe_load(prom.SCRAPE_CONFIG.read_text())
     (job,) = config["scrape_configs"]
     assert job["job_name"] == "pool-server"
     assert job["static_configs"] == [{"targets": ["127.0.0.1:2112"]}]
@@ -56,9 +57,9 @@ def test_promtool_unit_tests_pass() -> None:
 
 
 def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
-    rules = prom.yaml.safe_load(prom.RULES.read_text())
+    rules = yaml.safe_load(prom.RULES.read_text())
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-    tests = prom.yaml.safe_load(prom.RULES_TEST.read_text())["tests"]
+    tests = yaml.safe_load(prom.RULES_TEST.read_text())["tests"]
     firing: set[str] = set()
     quiet: set[str] = set()
     for case in tests:
