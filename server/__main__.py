@@ -1,0 +1,138 @@
+"""``pool-server`` / ``python -m server``: run the service.
+
+With ``--embedded`` (or no brokers configured) the embedded Tansu broker is
+started on loopback and the configured topics (and their dead-letter topics)
+are created on it; with ``--demo`` a demo producer feeds them. SIGTERM and
+SIGINT stop it gracefully (see :mod:`server._service`); exit status 0 then,
+2 for a configuration error, 1 for a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from server._broker import EmbeddedBroker
+from server._config import DEFAULT_HANDLER, ConfigError, Settings, load_settings
+from server._demo_producer import DemoProducer
+from server._logging import configure_logging
+from server._service import Endpoints, Service
+
+log = structlog.get_logger("server.main")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pool-server`` console script."""
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"pool-server: invalid configuration:\n{exc}\n")
+        return 2
+    fmt = settings.log.format
+    configure_logging(settings.log.level, None if fmt == "auto" else fmt == "json")
+    try:
+        return asyncio.run(run(settings))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+
+
+async def run(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    broker: EmbeddedBroker | None = None
+    try:
+        if settings.use_embedded_broker:
+            broker = EmbeddedBroker()
+            await asyncio.to_thread(broker.start)
+            topics = dict.fromkeys(settings.kafka.topics, settings.embedded.partitions)
+            for t in settings.kafka.topics:
+                topics[settings.dead_letter.topic_for(t)] = 1
+            await broker.create_topics(topics)
+            bootstrap = broker.bootstrap
+        else:
+            bootstrap = ",".join(settings.kafka.brokers)
+        await _serve(settings, bootstrap, stop, embedded=broker is not None)
+    except Exception as exc:
+        log.exception("service.failed", error=repr(exc))
+        return 1
+    else:
+        return 0
+    finally:
+        if broker is not None:
+            await asyncio.to_thread(broker.stop)
+
+
+async def _serve(
+    settings: Settings, bootstrap: str, stop: asyncio.Event, *, embedded: bool
+) -> None:
+    """Run the service (and the demo producer) until ``stop`` is set or the service fails."""
+    if settings.pool.handler == DEFAULT_HANDLER:
+        from server import demo as demo_handler
+
+        demo_handler.configure(settings)
+    demo: DemoProducer | None = None
+    async with Service(settings, bootstrap_servers=bootstrap) as service:
+        try:
+            if settings.demo.enabled:
+                demo = DemoProducer(
+                    bootstrap,
+                    settings.kafka.topics,
+                    rate=settings.demo.rate,
+                    aggregates=settings.demo.aggregates,
+                )
+                await demo.start()
+            assert service.endpoints is not None
+            _banner(settings, service.endpoints, embedded=embedded)
+            waiter = asyncio.ensure_future(service.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (waiter, stopper):
+                task.cancel()
+            await asyncio.gather(waiter, stopper, return_exceptions=True)
+            log.info("service.stopping", reason="signal" if stopper in done else "failure")
+            if waiter in done:
+                waiter.result()  # re-raise the consumer's failure
+        finally:
+            if demo is not None:
+                await demo.stop()
+
+
+def _banner(settings: Settings, ep: Endpoints, *, embedded: bool) -> None:
+    lines = [
+        "",
+        "pool-server is running",
+        f"  mode       {settings.mode} (rollout {settings.kafka.actor_pool.rollout_percent:g}%)",
+        f"  broker     {ep.bootstrap_servers}" + (" (embedded Tansu)" if embedded else ""),
+        f"  topics     {', '.join(ep.topics)}  group {ep.group_id}",
+        f"  handler    {settings.pool.handler}",
+    ]
+    if settings.demo.enabled:
+        lines.append(
+            f"  demo       {settings.demo.rate:g} events/s over "
+            f"{settings.demo.aggregates} aggregates"
+        )
+    if ep.metrics_address:
+        lines.append(f"  metrics    http://{ep.metrics_address}/metrics")
+    if ep.grpc_address:
+        lines.append(f"  gRPC       {ep.grpc_address} (actorpool.control.v1.PoolControl)")
+    lines.append("look at it:")
+    if ep.metrics_address:
+        lines.append(f"  curl -s http://{ep.metrics_address}/metrics | grep kafka_eventbus_")
+    if ep.grpc_address:
+        lines.append(f"  .venv/bin/poolctl --address {ep.grpc_address} status")
+    lines.append("stop it with Ctrl-C (SIGINT) or SIGTERM: it drains and commits first.")
+    sys.stdout.write("\n".join(lines) + "\n\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""The service process: settings -> handler -> pools -> switch -> DLQ sink ->
+consumer -> /metrics -> gRPC control plane, started and stopped in order.
+
+:class:`Service` implements :class:`server._control.ControlTarget`, so the
+gRPC servicer drives it directly.
+
+Shutdown (``stop()``, idempotent; what SIGTERM/SIGINT trigger): health
+NOT_SERVING -> stop fetching -> wait for in-flight events up to
+``pool.drainTimeoutS`` -> commit -> leave the group -> close the pools and the
+dead-letter sink -> stop gRPC -> stop /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiokafka import TopicPartition
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from pool import (
+    ActorPool,
+    DeadLetter,
+    Handler,
+    KeyedWorkerPool,
+    PoolSwitch,
+    PrometheusPoolMetrics,
+    RetryPolicy,
+)
+from server._config import Settings
+from server._consumer import DRAIN, OPERATOR, ConsumerOptions, EventConsumer
+from server._consumer_metrics import ConsumerMetrics
+from server._control import (
+    DeadLetterFilter,
+    DrainIncompleteError,
+    DrainProgress,
+    DrainResult,
+    NotReadyError,
+    Partition,
+    PoolStatus,
+    PreconditionError,
+    RedriveResult,
+    ServiceStatus,
+    UnknownPartitionError,
+)
+from server._dlq import DeadLetterSink
+from server._handlers import load_handler
+from server._intake import Decoder
+
+log = structlog.get_logger("server.service")
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where the running service listens (real ports, also when configured as 0)."""
+
+    bootstrap_servers: str
+    grpc_address: str | None
+    metrics_address: str | None
+    topics: tuple[str, ...]
+    group_id: str
+
+
+class Service:
+    """The whole process as one object; ``async with Service(...)`` runs it.
+
+    ``handler`` overrides ``settings.pool.handler`` (tests); ``registry``
+    defaults to a fresh registry per service, served on ``/metrics``.
+    ``grpc=False`` skips the control plane (in-process tests of the consumer).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bootstrap_servers: str,
+        handler: Handler | None = None,
+        registry: CollectorRegistry | None = None,
+        grpc: bool = True,
+        instance: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bootstrap_servers = bootstrap_servers
+        self._handler = handler
+        self.registry = registry if registry is not None else _process_registry()
+        self._grpc_enabled = grpc
+        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
+        self._switch: PoolSwitch | None = None
+        self._sink: DeadLetterSink | None = None
+        self._consumer: EventConsumer | None = None
+        self._grpc: Any = None
+        self._http: Any = None
+        self._http_thread: threading.Thread | None = None
+        self.endpoints: Endpoints | None = None
+        self._started_at = time.monotonic()
+        self._ready = False
+        self._draining = False
+        self._drain_lock = asyncio.Lock()
+        self._stopping: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Endpoints:
+        s = self.settings
+        handler = self._handler if self._handler is not None else load_handler(s.pool.handler)
+        r = s.pool.retry
+        retry = RetryPolicy(
+            max_attempts=r.max_attempts,
+            initial_backoff=r.initial_backoff,
+            max_backoff=r.max_backoff,
+            multiplier=r.multiplier,
+            jitter=r.jitter,
+        )
+        common: dict[str, Any] = {
+            "retry": retry,
+            "handler_timeout": s.pool.handler_timeout_s,
+            "handler_threads": s.pool.handler_threads,
+        }
+        keyed = KeyedWorkerPool(
+            handler,
+            size=s.pool.keyed.workers,
+            queue_size=s.pool.keyed.queue_size,
+            metrics=PrometheusPoolMetrics("keyed", s.pool.keyed.workers, self.registry),
+            **common,
+        )
+        actor = ActorPool(
+            handler,
+            size=s.pool.actor.actors,
+            inbox_size=s.pool.actor.inbox_size,
+            max_restarts=s.pool.actor.max_restarts,
+            restart_window=s.pool.actor.restart_window_s,
+            metrics=PrometheusPoolMetrics("actor", s.pool.actor.actors, self.registry),
+            **common,
+        )
+        self._switch = PoolSwitch(
+            keyed, actor, mode=s.mode, rollout_percent=s.kafka.actor_pool.rollout_percent
+        )
+        self._switch.start()
+        self._sink = DeadLetterSink.from_settings(s, self.bootstrap_servers)
+        await self._sink.start()
+        c = s.kafka.consumer
+        options = ConsumerOptions(
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=c.group_id,
+            topics=tuple(s.kafka.topics),
+            client_id=c.client_id,
+            commit_interval_s=c.commit_interval_ms / 1000,
+            max_in_flight=c.max_in_flight,
+            revoke_timeout_s=c.revoke_timeout_ms / 1000,
+            max_records=c.max_poll_records,
+            auto_offset_reset=c.auto_offset_reset,
+            session_timeout_ms=c.session_timeout_ms,
+            heartbeat_interval_ms=c.heartbeat_interval_ms,
+            max_poll_interval_ms=c.max_poll_interval_ms,
+        )
+        self._consumer = EventConsumer(
+            options,
+            decoder=Decoder(s),
+            dispatcher=self._switch,
+            dead_letters=self._sink,
+            metrics=ConsumerMetrics(self.registry),
+        )
+        metrics_address = None
+        if s.metrics.enabled:
+            host, _, port = s.metrics.address.rpartition(":")
+            self._http, self._http_thread = start_http_server(
+                int(port), addr=host, registry=self.registry
+            )
+            metrics_address = f"{host}:{self._http.server_address[1]}"
+        grpc_address = None
+        if self._grpc_enabled:
+            grpc_address = await self._start_grpc()
+        await self._consumer.start()
+        self._ready = True
+        if self._grpc is not None:
+            await self._grpc.set_ready(True)
+        self.endpoints = Endpoints(
+            bootstrap_servers=self.bootstrap_servers,
+            grpc_address=grpc_address,
+            metrics_address=metrics_address,
+            topics=tuple(s.kafka.topics),
+            group_id=c.group_id,
+        )
+        log.info(
+            "service.started",
+            mode=str(s.mode),
+            grpc=grpc_address,
+            metrics=metrics_address,
+            bootstrap=self.bootstrap_servers,
+            topics=list(s.kafka.topics),
+            group_id=c.group_id,
+        )
+        return self.endpoints
+
+    async def _start_grpc(self) -> str:
+        from server._grpc import TlsFiles, start_grpc_server
+
+        g = self.settings.grpc
+        tls = None
+        if g.tls.cert_file is not None and g.tls.key_file is not None:
+            tls = TlsFiles(g.tls.cert_file, g.tls.key_file, g.tls.client_ca_file)
+        self._grpc = await start_grpc_server(
+            self,
+            address=g.address,
+            admin_token=g.admin_token or None,
+            read_token=g.read_token or None,
+            allow_insecure_remote=g.allow_insecure_remote,
+            tls=tls,
+            ready=False,
+            registry=self.registry,
+        )
+        host = g.address.rpartition(":")[0]
+        return f"{host}:{self._grpc.port}"
+
+    async def __aenter__(self) -> Service:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def wait(self) -> None:
+        """Return when the service stopped, or raise a consumer task's failure."""
+        while not self._stopped.is_set():
+            consumer = self._consumer
+            if consumer is not None and consumer.failure is not None:
+                raise consumer.failure
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), 0.5)
+
+    async def stop(self) -> None:
+        """Graceful stop in the documented order. Idempotent; concurrent calls share it."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        started = time.monotonic()
+        self._ready = False
+        left = 0
+        try:
+            if self._grpc is not None:
+                with contextlib.suppress(Exception):
+                    await self._grpc.set_ready(False)
+            consumer = self._consumer
+            if consumer is not None:
+                await consumer.stop_fetching()
+                left = await consumer.wait_finished(self.settings.pool.drain_timeout_s)
+                await consumer.commit()
+                await consumer.close()
+            if self._switch is not None:
+                await self._switch.close(timeout=0 if left else 1.0)
+            if self._sink is not None:
+                await self._sink.stop()
+            if self._grpc is not None:
+                await self._grpc.stop(grace=2.0)
+        finally:
+            if self._http is not None:
+                await asyncio.to_thread(self._http.shutdown)
+                self._http.server_close()
+                if self._http_thread is not None:
+                    self._http_thread.join(timeout=5)
+                self._http = None
+            self._stopped.set()
+            log.info(
+                "service.stopped",
+                unfinished=left,
+                took_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+
+    # -------------------------------------------------------- ControlTarget
+
+    @property
+    def switch(self) -> PoolSwitch:
+        if self._switch is None:
+            raise NotReadyError("the service is not started")
+        return self._switch
+
+    @property
+    def consumer(self) -> EventConsumer:
+        if self._consumer is None:
+            raise NotReadyError("the service is not started")
+        return self._consumer
+
+    @property
+    def dead_letter_sink(self) -> DeadLetterSink:
+        if self._sink is None:
+            raise NotReadyError("the service is not started")
+        return self._sink
+
+    def status(self) -> ServiceStatus:
+        switch = self._switch
+        consumer = self._consumer
+        pools: list[PoolStatus] = []
+        restarts = 0
+        if switch is not None:
+            for mode, pool in switch.pools.items():
+                pool_restarts = int(getattr(pool, "restarts", 0))
+                restarts += pool_restarts
+                pools.append(
+                    PoolStatus(
+                        mode=mode,
+                        size=pool.size,
+                        capacity=pool.capacity,
+                        in_flight=pool.in_flight,
+                        restarts=pool_restarts,
+                    )
+                )
+        s = self.settings
+        return ServiceStatus(
+            mode=switch.mode if switch is not None else s.mode,
+            rollout_percent=(
+                switch.rollout_percent if switch is not None else s.kafka.actor_pool.rollout_percent
+            ),
+            generation=switch.generation if switch is not None else 0,
+            since=switch.since if switch is not None else time.time(),
+            partitions=consumer.partition_status() if consumer is not None else (),
+            in_flight=consumer.in_flight if consumer is not None else 0,
+            pools=tuple(pools),
+            restarts=restarts,
+            dead_letters=self._sink.published if self._sink is not None else 0,
+            uptime_s=time.monotonic() - self._started_at,
+            version=VERSION,
+            ready=self._ready,
+            draining=self._draining,
+            group_id=s.kafka.consumer.group_id,
+            instance=self.instance,
+        )
+
+    def _check_ready(self) -> EventConsumer:
+        if not self._ready or self._consumer is None:
+            raise NotReadyError("the service is starting or stopping")
+        return self._consumer
+
+    def _resolve(self, partitions: Sequence[Partition] | None) -> list[TopicPartition] | None:
+        consumer = self._check_ready()
+        if partitions is None:
+            return None
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        owned = set(consumer.assignment)
+        unknown = [tp for tp in tps if tp not in owned]
+        if unknown:
+            raise UnknownPartitionError([(tp.topic, tp.partition) for tp in unknown])
+        return tps
+
+    async def pause(self, partitions: Sequence[Partition] | None = None) -> list[Partition]:
+        tps = self._resolve(partitions)
+        paused = self.consumer.hold(OPERATOR, tps)
+        log.info("consumer.paused", partitions=_names(paused))
+        return [(tp.topic, tp.partition) for tp in paused]
+
+    async def resume(self, partitions: Sequence[Partition] | None = None) -> list[Partition]:
+        tps = self._resolve(partitions)
+        resumed = self.consumer.release((OPERATOR, DRAIN), tps)
+        log.info("consumer.resumed", partitions=_names(resumed))
+        return [(tp.topic, tp.partition) for tp in resumed]
+
+    async def drain(
+        self,
+        *,
+        timeout: float,
+        partitions: Sequence[Partition] | None = None,
+        resume_after: bool = False,
+        progress: Callable[[DrainProgress], None] | None = None,
+    ) -> DrainResult:
+        tps = self._resolve(partitions)
+        if self._drain_lock.locked():
+            raise PreconditionError("a drain is already running")
+        consumer = self.consumer
+        async with self._drain_lock:
+            self._draining = True
+            started = time.monotonic()
+            finished_before = consumer.finished_total
+            try:
+                held = consumer.hold(DRAIN, tps)
+                left = await consumer.wait_finished(timeout, tps, progress)
+                committed = await consumer.commit(tps)
+                resumed = False
+                if resume_after:
+                    consumer.release((DRAIN,), tps)
+                    resumed = True
+            finally:
+                self._draining = False
+            result = DrainResult(
+                finished=consumer.finished_total - finished_before,
+                took_s=time.monotonic() - started,
+                committed=tuple(committed),
+                remaining=left,
+                partitions=tuple((tp.topic, tp.partition) for tp in held),
+                resumed=resumed,
+            )
+            log.info(
+                "service.drained",
+                finished=result.finished,
+                remaining=left,
+                took_ms=round(result.took_s * 1000, 1),
+                committed=len(committed),
+            )
+            if left:
+                raise DrainIncompleteError(result, timeout)
+            return result
+
+    def select_dead_letters(
+        self, filter: DeadLetterFilter, limit: int | None = None
+    ) -> list[DeadLetter]:
+        if self._sink is None:
+            return []
+        return self._sink.select(filter, limit=limit)
+
+    def subscribe_dead_letters(self, callback: Callable[[DeadLetter], None]) -> Callable[[], None]:
+        return self.dead_letter_sink.add_listener(callback)
+
+    async def redrive(
+        self, *, ids: Sequence[str] = (), filter: DeadLetterFilter | None = None
+    ) -> RedriveResult:
+        if not self._ready or self._sink is None:
+            raise NotReadyError("the service is starting or stopping")
+        return await self._sink.redrive_matching(ids=ids, filter=filter)
+
+
+def _names(tps: Sequence[TopicPartition]) -> list[str]:
+    return [f"{tp.topic}:{tp.partition}" for tp in tps]
+
+
+def _process_registry() -> CollectorRegistry:
+    """A fresh registry with the process, platform and GC collectors."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
