@@ -1,0 +1,146 @@
+"""The assembled service in-process, against the real embedded broker.
+
+End to end through intake, the switch, the pools, the offset tracker, the
+dead-letter sink and ``/metrics`` over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections import defaultdict
+from typing import Any
+
+from server._broker import EmbeddedBroker
+from server._config import Settings, load_settings
+from server._control import DeadLetterFilter
+from server._service import Service
+from tests.conftest import MakeTopic
+from tests.helpers import assert_eventually
+from tests.server.kafka_utils import (
+    aggregate_events,
+    committed_offsets,
+    envelope,
+    produce,
+    read_all,
+)
+from tests.server.recording_handler import MemoryRecorder
+
+
+def service_settings(bootstrap: str, topic: str, group: str, *extra: str) -> Settings:
+    args = [
+        "--brokers", bootstrap,
+        "--topic", topic,
+        "--group-id", group,
+        "--grpc-address", "127.0.0.1:0",
+        "--metrics-address", "127.0.0.1:0",
+        "--set", "kafka.consumer.sessionTimeoutMs=2000",
+        "--set", "kafka.consumer.heartbeatIntervalMs=500",
+        "--set", "kafka.consumer.commitIntervalMs=100",
+        "--set", "kafka.consumer.revokeTimeoutMs=5000",
+        "--set", "pool.retry.initialBackoffMs=1",
+        "--set", "pool.retry.maxBackoffMs=5",
+        "--set", "pool.drainTimeoutS=5",
+    ]  # fmt: skip
+    for item in extra:
+        args += ["--set", item]
+    return load_settings(args, env={})
+
+
+def _scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        body: bytes = resp.read()
+    return body.decode()
+
+
+async def test_end_to_end_50k_events_ordered_per_aggregate_and_every_offset_committed(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    partitions, aggregates, per_aggregate = 8, 1000, 50
+    topic = await make_topic(partitions=partitions)
+    events = aggregate_events(aggregates, per_aggregate, partitions)
+    assert len(events) == 50_000
+    produced_at = time.monotonic()
+    ends = await produce(broker.bootstrap, topic, events)
+    produce_s = time.monotonic() - produced_at
+    assert sum(ends.values()) == 50_000
+    recorder = MemoryRecorder()
+    group = f"{topic}-g"
+    settings = service_settings(
+        broker.bootstrap, topic, group, "kafka.consumer.maxPollRecords=2000"
+    )
+    async with Service(settings, bootstrap_servers=broker.bootstrap, handler=recorder) as svc:
+        started = time.monotonic()
+        await assert_eventually(lambda: len(recorder.events) >= 50_000, timeout=60, interval=0.05)
+        handled_s = time.monotonic() - started
+        await assert_eventually(
+            lambda: {s.partition: s.committed for s in svc.status().partitions} == ends,
+            timeout=10,
+            message="every offset committed",
+        )
+        assert svc.endpoints is not None
+        assert svc.endpoints.metrics_address is not None
+        assert not svc.endpoints.metrics_address.endswith(":0")
+        text = await asyncio.to_thread(_scrape, svc.endpoints.metrics_address)
+    print(f"\n50k e2e: produce {produce_s:.2f}s, consume+handle {handled_s:.2f}s "
+          f"({50_000 / handled_s:,.0f} events/s incl. group join)")  # fmt: skip
+    assert len(recorder.events) == 50_000
+    by_agg: dict[str, list[int]] = defaultdict(list)
+    for agg, seq, _partition, _offset in recorder.events:
+        by_agg[agg].append(seq)
+    assert len(by_agg) == aggregates
+    for agg, seqs in by_agg.items():
+        assert seqs == list(range(per_aggregate)), f"{agg} out of order or duplicated"
+    assert await committed_offsets(broker.bootstrap, group, topic, partitions) == ends
+    assert "kafka_eventbus_consumer_records_consumed_total" in text
+    assert 'kafka_eventbus_consumer_committed_offset{partition="0"' in text
+    assert "kafka_eventbus_keyed_pool_messages_sent_total" in text
+    assert "kafka_eventbus_actor_pool_inbox_depth" in text
+
+
+def _headers(record: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in record.headers}
+
+
+async def test_bad_input_each_gets_its_defined_outcome(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=1)
+    dlq = f"{topic}.dlq"
+    await broker.create_topics({dlq: 1})
+    recorder = MemoryRecorder()
+    settings = service_settings(
+        broker.bootstrap, topic, f"{topic}-g",
+        "intake.maxValueBytes=2000",
+        "intake.missingIdPolicy=dead-letter",
+    )  # fmt: skip
+    events: list[tuple[int, bytes | None, bytes]] = [
+        (0, None, envelope("ok-1", 0)),  # 0: handled
+        (0, None, b'{"event_id": "x", "aggregate_id": '),  # 1: malformed-envelope
+        (0, None, b"plain text, no key"),  # 2: missing-aggregate-id
+        (0, b"bad id with spaces", b"plain text"),  # 3: invalid-aggregate-id
+        (0, b"big", b"x" * 5000),  # 4: oversized-value
+        (0, None, envelope("poison-1", 0, payload={"seq": 0, "poison": True})),  # 5
+        (0, b"keyed-1", b"plain text routed by key"),  # 6: handled
+    ]
+    async with Service(settings, bootstrap_servers=broker.bootstrap, handler=recorder) as svc:
+        await svc.consumer.wait_assigned(10)
+        await produce(broker.bootstrap, topic, events)
+        dead = await read_all(broker.bootstrap, dlq, expected=5)
+        await assert_eventually(lambda: svc.status().partitions[0].committed == 7)
+        held = svc.select_dead_letters(DeadLetterFilter())
+    by_offset = {int(_headers(r)["dlq-original-offset"]): _headers(r) for r in dead}
+    reasons = {o: h["dlq-reason"] for o, h in by_offset.items()}
+    assert reasons == {
+        1: "malformed-envelope",
+        2: "missing-aggregate-id",
+        3: "invalid-aggregate-id",
+        4: "oversized-value",
+        5: "non-retryable",
+    }
+    assert by_offset[5]["dlq-error-type"] == "NonRetryableError"
+    assert by_offset[5]["dlq-aggregate-id"] == "poison-1"
+    assert all(h["dlq-original-topic"] == topic for h in by_offset.values())
+    assert sorted(a for a, *_ in recorder.events) == ["keyed-1", "ok-1"]
+    assert sorted(d.message.offset for d in held) == [1, 2, 3, 4, 5]
