@@ -11,11 +11,11 @@ from pool._errors import (
     PoolError,
     QueueFullError,
 )
-from pool._executor import BasePool, FinishListener
+from pool._executor import BasePool
 from pool._keyed import KeyedWorkerPool
 from pool._message import Message
 from pool._metrics import NoopMetrics, PoolMetrics, PrometheusPoolMetrics
-from pool._protocol import Completion, Handler, Pool, PoolMode
+from pool._protocol import Completion, FinishListener, Handler, Pool, PoolMode
 from pool._retry import RestartBudget, RetryPolicy
 from pool._routing import Router, executor_index, fnv1a_32
 from pool._switch import PoolSwitch, SwitchResult, rollout_bucket

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from pool._executor import BasePool
+from pool._executor import BasePool, _Executor
 from pool._message import Message
 from pool._protocol import Handler, PoolMode
 from pool._retry import RestartBudget
@@ -30,14 +30,12 @@ ActorFactory = Callable[[int], Handler]
 
 
 class _Actor:
-    __slots__ = ("budget", "handler", "index", "restarts", "run")
+    """What the supervisor keeps per actor besides its inbox."""
 
-    def __init__(
-        self, index: int, handler: Handler, run: Callable[[Message], Any], budget: RestartBudget
-    ):
-        self.index = index
+    __slots__ = ("budget", "handler", "restarts")
+
+    def __init__(self, handler: Handler, budget: RestartBudget) -> None:
         self.handler = handler
-        self.run = run
         self.budget = budget
         self.restarts = 0
 
@@ -64,11 +62,12 @@ class ActorPool(BasePool):
         first = handler if handler is not None else _unused
         super().__init__(first, size=size, capacity=inbox_size, **kw)
         self._actors: list[_Actor] = []
-        for i in range(size):
-            h = actor_factory(i) if actor_factory is not None else first
-            self._actors.append(
-                _Actor(i, h, self._new_runner(h), RestartBudget(max_restarts, restart_window))
-            )
+        for ex in self._executors:
+            h = first
+            if actor_factory is not None:
+                h = actor_factory(ex.index)
+                ex.run = self._new_runner(h)
+            self._actors.append(_Actor(h, RestartBudget(max_restarts, restart_window)))
 
     @property
     def restarts(self) -> int:
@@ -78,11 +77,9 @@ class ActorPool(BasePool):
     def actor_restarts(self, index: int) -> int:
         return self._actors[index].restarts
 
-    def _runner(self, index: int) -> Callable[[Message], Any]:
-        return self._actors[index].run
-
-    def _on_crash(self, index: int, error: BaseException) -> bool:
+    def _on_crash(self, ex: _Executor, error: BaseException) -> bool:
         """The supervisor: count the restart, rebuild the actor's state; False = escalate."""
+        index = ex.index
         actor = self._actors[index]
         now = self._clock()
         allowed = actor.budget.try_restart(now)
@@ -95,7 +92,7 @@ class ActorPool(BasePool):
                 log.exception("pool.actor_factory_failed", executor=index)
             else:
                 actor.handler = handler
-                actor.run = self._new_runner(handler)
+                ex.run = self._new_runner(handler)
         log.info(
             "pool.actor_restarted",
             executor=index,

@@ -20,14 +20,11 @@ from pool._deadletter import DeadLetter, DeadLetterReason
 from pool._errors import DrainTimeoutError, NonRetryableError, PoolClosedError, QueueFullError
 from pool._message import Message
 from pool._metrics import NoopMetrics, PoolMetrics
-from pool._protocol import Completion, Handler, PoolMode
+from pool._protocol import Completion, FinishListener, Handler, PoolMode
 from pool._retry import RetryPolicy
 from pool._routing import Router
 
 log = structlog.get_logger("pool")
-
-#: Called synchronously when an event finishes, before its completion resolves.
-FinishListener = Callable[[Message, "DeadLetter | None"], None]
 
 
 def is_async_handler(handler: object) -> bool:
@@ -46,6 +43,7 @@ class _Executor:
         "finished",
         "index",
         "queue",
+        "run",
         "running",
         "space_waiters",
         "submitted",
@@ -53,9 +51,11 @@ class _Executor:
         "wakeup",
     )
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, run: Callable[[Message], Any]) -> None:
         self.index = index
-        self.queue: deque[tuple[Message, Completion]] = deque()
+        # Runs the executor's handler once (the actor pool swaps it on restart).
+        self.run = run
+        self.queue: deque[tuple[Message, Completion | None]] = deque()
         self.running = False
         self.wakeup: asyncio.Future[None] | None = None
         self.space_waiters: deque[asyncio.Future[None]] = deque()
@@ -111,6 +111,8 @@ class BasePool:
         self._capacity = capacity
         self._retry = retry or RetryPolicy()
         self._metrics: PoolMetrics = metrics or NoopMetrics()
+        # With the no-op collector the hot path skips metric calls and clock reads.
+        self._metered = not isinstance(self._metrics, NoopMetrics)
         self._handler_timeout = handler_timeout
         self._own_threads = thread_pool is None
         self._threads_n = handler_threads
@@ -119,7 +121,10 @@ class BasePool:
         self._wall_clock = wall_clock
         self._rand = rand
         self._router = Router(size)
-        self._executors = [_Executor(i) for i in range(size)]
+        self._route_memo = self._router.memo
+        self._loop: asyncio.AbstractEventLoop | None = None
+        runner = self._new_runner(handler)
+        self._executors = [_Executor(i, runner) for i in range(size)]
         self._in_flight = 0
         self._listeners: list[FinishListener] = []
         self._started = False
@@ -173,6 +178,7 @@ class BasePool:
         if self._closing:
             raise PoolClosedError(f"{self._mode} pool is closed")
         self._started = True
+        self._loop = asyncio.get_running_loop()
         if self._thread_pool is None:
             self._thread_pool = ThreadPoolExecutor(
                 max_workers=self._threads_n, thread_name_prefix=f"{self._mode}-handler"
@@ -189,26 +195,8 @@ class BasePool:
 
     # ------------------------------------------------------------- intake
     def submit_nowait(self, message: Message) -> Completion:
-        if self._closing:
-            raise PoolClosedError(f"{self._mode} pool is closed; submit refused")
-        if not self._started:
-            self.start()
-        ex = self._executors[self._router(message.aggregate_id)]
-        depth = len(ex.queue) + ex.running
-        if depth >= self._capacity:
-            raise QueueFullError(ex.index, self._capacity)
-        future: Completion = asyncio.get_running_loop().create_future()
-        ex.queue.append((message, future))
-        ex.submitted += 1
-        self._in_flight += 1
-        metrics = self._metrics
-        metrics.message_sent(ex.index)
-        metrics.inbox_depth(ex.index, depth + 1, self._capacity)
-        wakeup = ex.wakeup
-        if wakeup is not None:
-            ex.wakeup = None
-            if not wakeup.done():
-                wakeup.set_result(None)
+        future = self._enqueue(message, True)
+        assert future is not None
         return future
 
     async def submit(self, message: Message) -> Completion:
@@ -217,6 +205,50 @@ class BasePool:
                 return self.submit_nowait(message)
             except QueueFullError as full:
                 await self.wait_for_space(full.index)
+
+    def dispatch_nowait(self, message: Message) -> None:
+        """Like :meth:`submit_nowait` without a completion future: the outcome
+        is reported only to the finish listeners. The hot path of the Kafka
+        consumer: a future per event costs more than the rest of the pool."""
+        self._enqueue(message, False)
+
+    async def dispatch(self, message: Message) -> None:
+        """Like :meth:`submit` without a completion future (see :meth:`dispatch_nowait`)."""
+        while True:
+            try:
+                self._enqueue(message, False)
+            except QueueFullError as full:
+                await self.wait_for_space(full.index)
+            else:
+                return
+
+    def _enqueue(self, message: Message, with_future: bool) -> Completion | None:
+        if self._closing:
+            raise PoolClosedError(f"{self._mode} pool is closed; submit refused")
+        loop = self._loop
+        if loop is None:
+            self.start()
+            loop = asyncio.get_running_loop()
+        key = message.aggregate_id
+        index = self._route_memo.get(key)
+        ex = self._executors[self._router(key) if index is None else index]
+        depth = len(ex.queue) + ex.running
+        if depth >= self._capacity:
+            raise QueueFullError(ex.index, self._capacity)
+        future: Completion | None = loop.create_future() if with_future else None
+        ex.queue.append((message, future))
+        ex.submitted += 1
+        self._in_flight += 1
+        if self._metered:
+            metrics = self._metrics
+            metrics.message_sent(ex.index)
+            metrics.inbox_depth(ex.index, depth + 1, self._capacity)
+        wakeup = ex.wakeup
+        if wakeup is not None:
+            ex.wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
+        return future
 
     async def wait_for_space(self, index: int) -> None:
         ex = self._executors[index]
@@ -240,88 +272,113 @@ class BasePool:
 
     # --------------------------------------------------------- the worker
     async def _run(self, ex: _Executor) -> None:
+        """The executor loop. The first attempt of each event is inlined here
+        (the hot path); failures go to :meth:`_recover`."""
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         queue = ex.queue
+        popleft = queue.popleft
+        index = ex.index
         metrics = self._metrics
+        processed = metrics.message_processed
+        report_depth = metrics.inbox_depth
+        clock = self._clock
+        metered = self._metered
         capacity = self._capacity
         listeners = self._listeners
+        started = 0.0
         while True:
             if not queue:
                 ex.wakeup = loop.create_future()
                 await ex.wakeup
                 continue
-            message, future = queue.popleft()
+            message, future = popleft()
             ex.running = True
+            if metered:
+                started = clock()
             try:
-                outcome = await self._process(ex.index, message)
-            except asyncio.CancelledError:
-                future.cancel()
-                raise
-            except Exception as bug:  # a defect of ours must not kill the executor
-                log.exception("pool.internal_error", mode=self._mode.value, executor=ex.index)
-                outcome = self._dead_letter(
-                    ex.index, message, DeadLetterReason.INTERNAL_ERROR, bug, attempts=0
-                )
-            finally:
-                ex.running = False
-                ex.finished += 1
-                self._in_flight -= 1
-            metrics.inbox_depth(ex.index, len(queue), capacity)
+                await ex.run(message)
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError) and task.cancelling():
+                    if future is not None:
+                        future.cancel()  # the pool is being terminated
+                    raise
+                if metered:
+                    processed(index, False, clock() - started)
+                try:
+                    outcome = await self._recover(ex, message, exc)
+                except asyncio.CancelledError:
+                    if future is not None:
+                        future.cancel()
+                    raise
+                except Exception as bug:  # a defect of ours must not kill the executor
+                    log.exception("pool.internal_error", mode=self._mode.value, executor=index)
+                    outcome = self._dead_letter(
+                        index, message, DeadLetterReason.INTERNAL_ERROR, bug, attempts=0
+                    )
+            else:
+                if metered:
+                    processed(index, True, clock() - started)
+                outcome = None
+            ex.running = False
+            ex.finished += 1
+            self._in_flight -= 1
+            if metered:
+                report_depth(index, len(queue), capacity)
             for listener in listeners:
                 listener(message, outcome)
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_result(outcome)
             if ex.space_waiters:
                 self._wake_space(ex)
             if ex.drain_targets:
                 self._check_drain(ex)
 
-    def _runner(self, index: int) -> Callable[[Message], Any]:
-        """The coroutine function that runs the handler of executor ``index`` once."""
-        raise NotImplementedError
-
-    def _on_crash(self, index: int, error: BaseException) -> bool:
+    def _on_crash(self, ex: _Executor, error: BaseException) -> bool:
         """React to a handler failure; False escalates (dead letter at once)."""
         return True
 
-    async def _process(self, index: int, message: Message) -> DeadLetter | None:
-        """Handle ``message`` to the end: None when handled, else its dead letter.
-
-        Failures are retried under the retry policy with backoff (the events
-        queued behind it wait, so order holds), then dead-lettered.
-        """
-        metrics = self._metrics
+    async def _recover(
+        self, ex: _Executor, message: Message, error: BaseException
+    ) -> DeadLetter | None:
+        """After a failed first attempt: retry under the retry policy with
+        backoff (the events queued behind it wait, so order holds), then
+        dead-letter. Returns None when a retry succeeded."""
+        index = ex.index
+        task = asyncio.current_task()
+        processed = self._metrics.message_processed
         clock = self._clock
-        attempts = 0
+        attempts = 1
         while True:
+            if isinstance(error, NonRetryableError):
+                # A deliberate rejection, not a crash: dead letter at once.
+                return self._dead_letter(
+                    index, message, DeadLetterReason.NON_RETRYABLE, error, attempts
+                )
+            if not self._on_crash(ex, error):
+                return self._dead_letter(
+                    index, message, DeadLetterReason.RESTART_BUDGET_EXHAUSTED, error, attempts
+                )
+            if not self._retry.should_retry(attempts):
+                reason = (
+                    DeadLetterReason.HANDLER_TIMEOUT
+                    if isinstance(error, TimeoutError)
+                    else DeadLetterReason.RETRIES_EXHAUSTED
+                )
+                return self._dead_letter(index, message, reason, error, attempts)
+            await asyncio.sleep(self._retry.backoff(attempts, self._rand()))
             attempts += 1
             started = clock()
             try:
-                await self._runner(index)(message)
-            except asyncio.CancelledError:
-                raise
-            except NonRetryableError as exc:
-                # A deliberate rejection, not a crash: dead letter at once.
-                metrics.message_processed(index, False, clock() - started)
-                return self._dead_letter(
-                    index, message, DeadLetterReason.NON_RETRYABLE, exc, attempts
-                )
-            except BaseException as exc:  # noqa: BLE001 - a handler must never crash the pool
-                metrics.message_processed(index, False, clock() - started)
-                if not self._on_crash(index, exc):
-                    return self._dead_letter(
-                        index, message, DeadLetterReason.RESTART_BUDGET_EXHAUSTED, exc, attempts
-                    )
-                if not self._retry.should_retry(attempts):
-                    reason = (
-                        DeadLetterReason.HANDLER_TIMEOUT
-                        if isinstance(exc, TimeoutError)
-                        else DeadLetterReason.RETRIES_EXHAUSTED
-                    )
-                    return self._dead_letter(index, message, reason, exc, attempts)
-                await asyncio.sleep(self._retry.backoff(attempts, self._rand()))
+                await ex.run(message)
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                    raise
+                processed(index, False, clock() - started)
+                error = exc
             else:
-                metrics.message_processed(index, True, clock() - started)
+                processed(index, True, clock() - started)
                 return None
 
     def _new_runner(self, handler: Handler) -> Callable[[Message], Any]:
@@ -443,7 +500,8 @@ class BasePool:
                 for ex in self._executors:
                     while ex.queue:
                         _, future = ex.queue.popleft()
-                        future.cancel()
+                        if future is not None:
+                            future.cancel()
                 if self._own_threads and self._thread_pool is not None:
                     self._thread_pool.shutdown(wait=False, cancel_futures=True)
             self._closed = True

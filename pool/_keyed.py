@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from pool._executor import BasePool
-from pool._message import Message
 from pool._protocol import Handler, PoolMode
 
 
@@ -24,7 +22,3 @@ class KeyedWorkerPool(BasePool):
         self, handler: Handler, *, size: int = 256, queue_size: int = 1000, **kw: Any
     ) -> None:
         super().__init__(handler, size=size, capacity=queue_size, **kw)
-        self._handler_run = self._new_runner(handler)
-
-    def _runner(self, index: int) -> Callable[[Message], Any]:
-        return self._handler_run

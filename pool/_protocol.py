@@ -15,6 +15,10 @@ from pool._message import Message
 #: bounded thread pool with the same ordering guarantee.
 Handler: TypeAlias = Callable[[Message], Awaitable[None]] | Callable[[Message], None]
 
+#: Called synchronously as each event finishes: the message, and ``None`` when
+#: handled or the :class:`DeadLetter` when the pool gave up.
+FinishListener: TypeAlias = Callable[[Message, DeadLetter | None], None]
+
 #: Resolves when the event is finished: ``None`` when handled, the
 #: :class:`DeadLetter` when the pool gave up on it. It never resolves with an
 #: exception, except ``CancelledError`` if the pool is terminated.
@@ -62,6 +66,17 @@ class Pool(Protocol):
         Returns as soon as the message is queued (not when it is handled).
         Raises :class:`PoolClosedError` after ``close()``.
         """
+
+    def dispatch_nowait(self, message: Message) -> None:
+        """Like ``submit_nowait`` but without a completion future: the outcome
+        goes only to the finish listeners (the consumer's hot path)."""
+
+    async def dispatch(self, message: Message) -> None:
+        """Like ``submit`` but without a completion future."""
+
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        """Call ``listener(message, dead_letter_or_none)`` synchronously as each
+        event finishes, before its completion resolves. It must not raise or block."""
 
     async def wait_for_space(self, index: int) -> None:
         """Return once executor ``index`` is below capacity (or the pool closes)."""

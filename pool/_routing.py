@@ -34,23 +34,24 @@ class Router:
     Hashing in pure Python costs about a microsecond per ten characters; hot
     aggregates repeat, so a memo pays for itself. The memo is cleared when it
     reaches ``memo_size`` entries, which keeps memory bounded without LRU
-    bookkeeping on the hot path.
+    bookkeeping on the hot path. ``memo`` may be read directly by hot paths
+    (a hit is a plain dict lookup); it is never replaced, only cleared.
     """
 
-    __slots__ = ("_memo", "_memo_size", "size")
+    __slots__ = ("_memo_size", "memo", "size")
 
     def __init__(self, size: int, memo_size: int = 65536) -> None:
         if size <= 0:
             raise ValueError(f"pool size must be positive, got {size}")
         self.size = size
-        self._memo: dict[str, int] = {}
+        self.memo: dict[str, int] = {}
         self._memo_size = memo_size
 
     def __call__(self, aggregate_id: str) -> int:
-        index = self._memo.get(aggregate_id)
+        index = self.memo.get(aggregate_id)
         if index is None:
             index = fnv1a_32(aggregate_id.encode("utf-8")) % self.size
-            if len(self._memo) >= self._memo_size:
-                self._memo.clear()
-            self._memo[aggregate_id] = index
+            if len(self.memo) >= self._memo_size:
+                self.memo.clear()
+            self.memo[aggregate_id] = index
         return index

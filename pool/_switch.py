@@ -31,7 +31,7 @@ from pool._deadletter import DeadLetter
 from pool._errors import DrainTimeoutError, PoolClosedError, QueueFullError
 from pool._executor import BasePool
 from pool._message import Message
-from pool._protocol import Completion, PoolMode
+from pool._protocol import Completion, FinishListener, PoolMode
 from pool._routing import fnv1a_32
 
 log = structlog.get_logger("pool")
@@ -71,7 +71,7 @@ class _Aggregate:
     def __init__(self, pool: PoolMode) -> None:
         self.pool = pool
         self.count = 0
-        self.held: deque[tuple[Message, Completion]] | None = None
+        self.held: deque[tuple[Message, Completion | None]] | None = None
         self.flushing = False
 
 
@@ -158,28 +158,9 @@ class PoolSwitch:
         (nothing is enqueued or held: the caller keeps the message) and
         :class:`PoolClosedError` after ``close()``.
         """
-        if self._closing:
-            raise PoolClosedError("pool switch is closed; submit refused")
-        key = message.aggregate_id
-        target = self._target(key, self._mode, self._rollout_bp)
-        agg = self._aggregates.get(key)
-        if agg is None:
-            future = self.pools[target].submit_nowait(message)
-            agg = self._aggregates[key] = _Aggregate(target)
-            agg.count = 1
-            return future
-        if agg.held is None and agg.pool is target:
-            future = self.pools[target].submit_nowait(message)
-            agg.count += 1
-            return future
-        # Earlier events of this aggregate are unfinished in the other pool
-        # (or already held): wait behind them.
-        outer: Completion = asyncio.get_running_loop().create_future()
-        if agg.held is None:
-            agg.held = deque()
-        agg.held.append((message, outer))
-        self._held += 1
-        return outer
+        future = self._route_one(message, True)
+        assert future is not None
+        return future
 
     async def submit(self, message: Message) -> Completion:
         """Route ``message``, waiting only while the target executor is full."""
@@ -187,8 +168,61 @@ class PoolSwitch:
             try:
                 return self.submit_nowait(message)
             except QueueFullError as full:
-                pool = self.pools[self.where(message.aggregate_id)[0]]
-                await pool.wait_for_space(full.index)
+                await self._wait_for_space(message, full)
+
+    def dispatch_nowait(self, message: Message) -> None:
+        """:meth:`submit_nowait` without a completion future: the outcome goes
+        to the finish listeners only (the Kafka consumer's hot path)."""
+        self._route_one(message, False)
+
+    async def dispatch(self, message: Message) -> None:
+        """:meth:`submit` without a completion future."""
+        while True:
+            try:
+                self._route_one(message, False)
+            except QueueFullError as full:
+                await self._wait_for_space(message, full)
+            else:
+                return
+
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        """Call ``listener(message, dead_letter_or_none)`` as each event finishes,
+        in either pool (after the switch's own bookkeeping)."""
+        for pool in self.pools.values():
+            pool.add_finish_listener(listener)
+
+    async def _wait_for_space(self, message: Message, full: QueueFullError) -> None:
+        pool = self.pools[self.where(message.aggregate_id)[0]]
+        await pool.wait_for_space(full.index)
+
+    def _route_one(self, message: Message, with_future: bool) -> Completion | None:
+        if self._closing:
+            raise PoolClosedError("pool switch is closed; submit refused")
+        key = message.aggregate_id
+        mode = self._mode
+        # KEYED mode needs no bucket lookup: the common case stays cheap.
+        target = mode if mode is PoolMode.KEYED else self._target(key, mode, self._rollout_bp)
+        agg = self._aggregates.get(key)
+        if agg is None:
+            pool = self.pools[target]
+            future = pool._enqueue(message, with_future)
+            agg = self._aggregates[key] = _Aggregate(target)
+            agg.count = 1
+            return future
+        if agg.held is None and agg.pool is target:
+            future = self.pools[target]._enqueue(message, with_future)
+            agg.count += 1
+            return future
+        # Earlier events of this aggregate are unfinished in the other pool
+        # (or already held): wait behind them.
+        outer: Completion | None = (
+            asyncio.get_running_loop().create_future() if with_future else None
+        )
+        if agg.held is None:
+            agg.held = deque()
+        agg.held.append((message, outer))
+        self._held += 1
+        return outer
 
     def _finished(self, message: Message, outcome: DeadLetter | None) -> None:
         key = message.aggregate_id
@@ -215,13 +249,14 @@ class PoolSwitch:
         while held:
             message, outer = held[0]
             try:
-                inner = pool.submit_nowait(message)
+                inner = pool._enqueue(message, outer is not None)
             except QueueFullError:
                 agg.flushing = True
                 self._spawn(self._flush_slowly(key, agg))
                 return
             except PoolClosedError:
-                outer.cancel()
+                if outer is not None:
+                    outer.cancel()
                 held.popleft()
                 self._held -= 1
                 continue
@@ -239,9 +274,14 @@ class PoolSwitch:
             while held:
                 message, outer = held[0]
                 try:
-                    inner = await pool.submit(message)
+                    if outer is None:
+                        await pool.dispatch(message)
+                        inner = None
+                    else:
+                        inner = await pool.submit(message)
                 except PoolClosedError:
-                    outer.cancel()
+                    if outer is not None:
+                        outer.cancel()
                 else:
                     agg.count += 1
                     _chain(inner, outer)
@@ -378,7 +418,8 @@ class PoolSwitch:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for agg in self._aggregates.values():
             for _, outer in agg.held or ():
-                outer.cancel()
+                if outer is not None:
+                    outer.cancel()
 
 
 def _to_basis_points(percent: float) -> int:
@@ -387,7 +428,10 @@ def _to_basis_points(percent: float) -> int:
     return round(percent * 100)
 
 
-def _chain(inner: Completion, outer: Completion) -> None:
+def _chain(inner: Completion | None, outer: Completion | None) -> None:
+    if inner is None or outer is None:
+        return
+
     def copy(done: Completion) -> None:
         if outer.done():
             return

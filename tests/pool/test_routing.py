@@ -33,7 +33,7 @@ def test_router_memo_stays_bounded() -> None:
     router = Router(256, memo_size=100)
     for i in range(1000):
         router(f"agg-{i}")
-    assert len(router._memo) <= 100
+    assert len(router.memo) <= 100
 
 
 @pytest.mark.parametrize("size", [0, -1])

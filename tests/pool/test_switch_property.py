@@ -20,6 +20,7 @@ event = st.tuples(
     st.integers(0, 5),  # aggregate
     st.sampled_from(["ok", "ok", "ok", "transient", "poison"]),
     st.integers(0, 3),  # handler delay, in loop turns
+    st.booleans(),  # submit (with a completion future) or dispatch (listeners only)
 )
 mode = st.tuples(st.just("mode"), st.sampled_from([PoolMode.KEYED, PoolMode.ACTOR]), st.booleans())
 rollout = st.tuples(st.just("rollout"), st.integers(0, 100), st.booleans())
@@ -54,13 +55,18 @@ async def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
     keyed = KeyedWorkerPool(handler, size=2, queue_size=3, retry=RETRY)
     actor = ActorPool(handler, size=2, inbox_size=3, retry=RETRY, max_restarts=10**6)
     futures: dict[int, asyncio.Future] = {}  # type: ignore[type-arg]
+    finished: dict[int, list[bool]] = defaultdict(list)
     async with PoolSwitch(keyed, actor) as sw:
+        sw.add_finish_listener(lambda m, dead: finished[m.offset].append(dead is None))
         offset = 0
         for op in ops:
             if op[0] == "ev":
-                _, agg, kind, delay = op
+                _, agg, kind, delay, with_future = op
                 behaviour[offset] = (kind, delay)
-                futures[offset] = await sw.submit(msg(f"agg-{agg}", offset))
+                if with_future:
+                    futures[offset] = await sw.submit(msg(f"agg-{agg}", offset))
+                else:
+                    await sw.dispatch(msg(f"agg-{agg}", offset))
                 offset += 1
             elif op[0] == "mode":
                 await sw.set_mode(op[1], wait_timeout=None if op[2] else 0)
@@ -70,12 +76,16 @@ async def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
                 for _ in range(op[1]):
                     await asyncio.sleep(0)
         results = await asyncio.wait_for(asyncio.gather(*futures.values()), 10)
+        await sw.drain(10)
         assert sw.in_flight == 0
         assert sw.held == 0
 
     assert overlaps == []
     for agg, offs in starts.items():
         assert offs == sorted(offs), f"{agg} started out of order: {offs}"
+    for off, (kind, _) in behaviour.items():
+        assert finished[off] == [kind != "poison"], f"event {off} finished {finished[off]}"
+        assert handled[off] == (0 if kind == "poison" else 1), f"event {off} handled twice"
     for off, result in zip(futures, results, strict=True):
         if behaviour[off][0] == "poison":
             assert result is not None

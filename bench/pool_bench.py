@@ -1,0 +1,312 @@
+"""In-process pool throughput, against a raw asyncio floor measured in the same run.
+
+    .venv/bin/python bench/pool_bench.py [--events 1000000] [--aggregates 10000]
+        [--executors 256] [--json bench/results/pool_bench.json] [--uvloop]
+
+For each handler (no-op, and one that awaits 1 ms) it runs:
+
+- ``raw-floor``: one ``asyncio.Queue(maxsize)`` per executor and a bare worker
+  loop (``await q.get(); await handler(m)``), events routed by the same FNV-1a
+  router and offered with ``put_nowait`` (``await put`` only when full): the
+  least any design with per-executor queues can cost;
+- ``keyed`` / ``actor``: ``KeyedWorkerPool`` / ``ActorPool`` driven the way the
+  Kafka consumer drives them (``dispatch_nowait``, ``await dispatch`` only when
+  the queue is full; completions through a finish listener), no-op metrics;
+- ``keyed+futures``: the same through ``submit_nowait``, one completion future
+  per event;
+- ``switch-keyed`` / ``switch-actor``: the same pools behind ``PoolSwitch`` (the
+  path the Kafka consumer uses), plus ``switch-actor+prom`` with the Prometheus
+  collector, to show what metrics cost.
+
+Rates are events/s from the first submit until the last event is finished.
+Ratios to the raw floor of the same run are what to compare across machines.
+It also reports the memory each queued event costs (tracemalloc, blocked pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import platform
+import sys
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from pool import (  # noqa: E402
+    ActorPool,
+    BasePool,
+    KeyedWorkerPool,
+    Message,
+    PoolMode,
+    PoolSwitch,
+    PrometheusPoolMetrics,
+    QueueFullError,
+    Router,
+)
+
+Handler = Callable[[Message], Awaitable[None]]
+
+
+async def noop(m: Message) -> None:
+    return None
+
+
+async def sleep_1ms(m: Message) -> None:
+    await asyncio.sleep(0.001)
+
+
+def make_messages(n: int, aggregates: int) -> list[Message]:
+    return [
+        Message("bench", i % 8, i, None, b"", (), f"aggregate-{i % aggregates}", 0)
+        for i in range(n)
+    ]
+
+
+async def run_raw(messages: list[Message], handler: Handler, size: int, cap: int) -> float:
+    router = Router(size)
+    queues: list[asyncio.Queue[Message]] = [asyncio.Queue(cap) for _ in range(size)]
+    remaining = len(messages)
+    done = asyncio.Event()
+
+    async def worker(q: asyncio.Queue[Message]) -> None:
+        nonlocal remaining
+        while True:
+            m = await q.get()
+            await handler(m)
+            remaining -= 1
+            if remaining == 0:
+                done.set()
+
+    tasks = [asyncio.create_task(worker(q)) for q in queues]
+    started = time.perf_counter()
+    for m in messages:
+        q = queues[router(m.aggregate_id)]
+        try:
+            q.put_nowait(m)
+        except asyncio.QueueFull:
+            await q.put(m)
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return elapsed
+
+
+def build_pools(
+    handler: Handler, size: int, cap: int, prom: bool
+) -> tuple[KeyedWorkerPool, ActorPool]:
+    km = am = None
+    if prom:
+        registry = CollectorRegistry()
+        km = PrometheusPoolMetrics("keyed", size, registry)
+        am = PrometheusPoolMetrics("actor", size, registry)
+    keyed = KeyedWorkerPool(handler, size=size, queue_size=cap, metrics=km)
+    actor = ActorPool(handler, size=size, inbox_size=cap, metrics=am)
+    return keyed, actor
+
+
+async def run_pool(
+    messages: list[Message], handler: Handler, size: int, cap: int, variant: str
+) -> float:
+    keyed, actor = build_pools(handler, size, cap, prom=variant.endswith("+prom"))
+    target: Any
+    if variant.startswith("switch"):
+        mode = PoolMode.ACTOR if "actor" in variant else PoolMode.KEYED
+        target = PoolSwitch(keyed, actor, mode=mode)
+    else:
+        target = keyed if variant.startswith("keyed") else actor
+    target.start()
+    if variant.endswith("+futures"):
+        submit_nowait, submit = target.submit_nowait, target.submit
+    else:
+        submit_nowait, submit = target.dispatch_nowait, target.dispatch
+    started = time.perf_counter()
+    for m in messages:
+        # What the Kafka consumer does: the non-blocking path, and wait only when full.
+        try:
+            submit_nowait(m)
+        except QueueFullError:
+            await submit(m)
+    await target.drain()
+    elapsed = time.perf_counter() - started
+    await target.close()
+    if isinstance(target, PoolSwitch):
+        return elapsed
+    await (actor if target is keyed else keyed).close()
+    return elapsed
+
+
+async def memory_per_queued_event(size: int, cap: int, aggregates: int) -> dict[str, float]:
+    """Bytes allocated per event sitting in a queue (handler blocked)."""
+    gate = asyncio.Event()
+
+    async def blocked(m: Message) -> None:
+        await gate.wait()
+
+    n = min(size * cap // 2, 100_000)
+    messages = make_messages(n, aggregates)
+    out: dict[str, float] = {}
+
+    async def measure(name: str, fill: Callable[[], Awaitable[Any]]) -> None:
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        keep = await fill()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        out[name] = (after - before) / n
+        del keep
+
+    async def fill_raw() -> Any:
+        router = Router(size)
+        queues: list[asyncio.Queue[Message]] = [asyncio.Queue(cap) for _ in range(size)]
+        for m in messages:
+            queues[router(m.aggregate_id)].put_nowait(m)
+        return queues
+
+    pools: list[BasePool] = []
+
+    async def fill_pool(kind: str) -> Any:
+        pool: BasePool = (
+            KeyedWorkerPool(blocked, size=size, queue_size=cap)
+            if kind == "keyed"
+            else ActorPool(blocked, size=size, inbox_size=cap)
+        )
+        pools.append(pool)
+        pool.start()
+        await asyncio.sleep(0)
+        return [await pool.submit(m) for m in messages]
+
+    await measure("raw-floor", fill_raw)
+    await measure("keyed", lambda: fill_pool("keyed"))
+    await measure("actor", lambda: fill_pool("actor"))
+    gate.set()
+    for p in pools:
+        await p.close()
+    return out
+
+
+VARIANTS = [
+    "raw-floor",
+    "keyed",
+    "actor",
+    "keyed+futures",
+    "switch-keyed",
+    "switch-actor",
+    "switch-actor+prom",
+]
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    messages = make_messages(args.events, args.aggregates)
+    results: list[dict[str, Any]] = []
+    for handler_name, handler in (("noop", noop), ("sleep-1ms", sleep_1ms)):
+        floor = None
+        for variant in VARIANTS:
+            gc.collect()
+            if variant == "raw-floor":
+                elapsed = await run_raw(messages, handler, args.executors, args.capacity)
+            else:
+                elapsed = await run_pool(
+                    messages, handler, args.executors, args.capacity, variant
+                )
+            rate = len(messages) / elapsed
+            floor = rate if variant == "raw-floor" else floor
+            row = {
+                "handler": handler_name,
+                "variant": variant,
+                "events": len(messages),
+                "seconds": round(elapsed, 3),
+                "events_per_s": round(rate),
+                "ratio_to_floor": round(rate / floor, 3) if floor else None,
+            }
+            results.append(row)
+            print(
+                f"{handler_name:>10} {variant:>18} {rate:>12,.0f} ev/s "
+                f"{row['ratio_to_floor']:>6.2f}x floor  ({elapsed:.2f}s)",
+                flush=True,
+            )
+    memory = await memory_per_queued_event(args.executors, args.capacity, args.aggregates)
+    return {"results": results, "bytes_per_queued_event": memory}
+
+
+def print_table(report: dict[str, Any], targets: dict[str, Any]) -> None:
+    print()
+    print("| handler | variant | events/s | vs raw floor | seconds |")
+    print("|---|---|---:|---:|---:|")
+    for r in report["results"]:
+        print(
+            f"| {r['handler']} | {r['variant']} | {r['events_per_s']:,} | "
+            f"{r['ratio_to_floor']:.2f} | {r['seconds']} |"
+        )
+    print()
+    print("| memory per queued event | bytes |")
+    print("|---|---:|")
+    for name, b in report["bytes_per_queued_event"].items():
+        print(f"| {name} | {b:.0f} |")
+    print()
+    for name, ok in targets.items():
+        print(f"target {name}: {'met' if ok else 'NOT met'}")
+
+
+def evaluate(report: dict[str, Any]) -> dict[str, bool]:
+    rows = {(r["handler"], r["variant"]): r for r in report["results"]}
+    return {
+        "noop: each mode >= 60% of raw floor": all(
+            rows[("noop", v)]["ratio_to_floor"] >= 0.6 for v in ("keyed", "actor")
+        ),
+        "sleep-1ms: each mode >= 100k events/s": all(
+            rows[("sleep-1ms", v)]["events_per_s"] >= 100_000 for v in ("keyed", "actor")
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--aggregates", type=int, default=10_000)
+    parser.add_argument("--executors", type=int, default=256)
+    parser.add_argument("--capacity", type=int, default=1000)
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop if installed")
+    parser.add_argument(
+        "--json", type=Path, default=Path("bench/results/pool_bench.json"), help="output file"
+    )
+    args = parser.parse_args()
+    print(
+        f"pool bench: {args.events:,} events, {args.aggregates:,} aggregates, "
+        f"{args.executors} executors x {args.capacity}, Python {platform.python_version()}",
+        flush=True,
+    )
+    if args.uvloop:
+        import uvloop  # type: ignore[import-not-found]
+
+        report = uvloop.run(main_async(args))
+    else:
+        report = asyncio.run(main_async(args))
+    targets = evaluate(report)
+    report.update(
+        {
+            "targets": targets,
+            "config": vars(args) | {"json": str(args.json)},
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        }
+    )
+    print_table(report, targets)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
