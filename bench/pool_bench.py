@@ -39,9 +39,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prometheus_client import CollectorRegistry  # noqa: E402
+from prometheus_client import CollectorRegistry
 
-from pool import (  # noqa: E402
+from pool import (
     ActorPool,
     BasePool,
     KeyedWorkerPool,
@@ -217,9 +217,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if variant == "raw-floor":
                 elapsed = await run_raw(messages, handler, args.executors, args.capacity)
             else:
-                elapsed = await run_pool(
-                    messages, handler, args.executors, args.capacity, variant
-                )
+                elapsed = await run_pool(messages, handler, args.executors, args.capacity, variant)
             rate = len(messages) / elapsed
             floor = rate if variant == "raw-floor" else floor
             row = {
