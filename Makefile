@@ -19,8 +19,9 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pool-server --embedded --demo $(ARGS)
 
-## Install what is needed and run the test suite.
+## Install what is needed (venv, Debian's prometheus for the deploy tests) and run the tests.
 test: $(STAMP)
+	bash scripts/ensure_system_deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
