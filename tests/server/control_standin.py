@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from server._control import (
     DrainIncompleteError,
     DrainProgress,
     DrainResult,
+    NotReadyError,
     Partition,
     PartitionStatus,
     PoolStatus,
@@ -94,8 +96,14 @@ class StandInControlTarget:
         self._ids = itertools.count(1)
         self._started = time.monotonic()
         self._draining = False
-        self._completions: set[asyncio.Future[DeadLetter | None]] = set()
         self.finished = 0
+        #: Calls (by method name) that fail with NotReadyError the next N times.
+        self.unavailable: Counter[str] = Counter()
+
+    def _maybe_unavailable(self, method: str) -> None:
+        if self.unavailable[method] > 0:
+            self.unavailable[method] -= 1
+            raise NotReadyError(f"{method}: not ready (injected)")
 
     # ------------------------------------------------------- simulated intake
     async def feed(self, aggregate_id: str, partition: int = 0) -> asyncio.Future[object]:
@@ -147,6 +155,7 @@ class StandInControlTarget:
 
     # --------------------------------------------------------- ControlTarget
     def status(self) -> ServiceStatus:
+        self._maybe_unavailable("status")
         partitions = []
         for (topic, p), st in sorted(self.parts.items()):
             partitions.append(
@@ -190,6 +199,7 @@ class StandInControlTarget:
         )
 
     async def pause(self, partitions: Sequence[Partition] | None = None) -> list[Partition]:
+        self._maybe_unavailable("pause")
         scope = self._scope(partitions)
         for tp in scope:
             self.parts[tp].reasons.add("operator")

@@ -1,0 +1,652 @@
+"""Python clients of the control API: async and blocking.
+
+:class:`AsyncPoolControlClient` and :class:`PoolControlClient` take the same
+options, return the protobuf response messages of
+``actorpool.control.v1`` (typed by the committed ``.pyi`` stubs), and raise
+:class:`ControlClientError` subclasses instead of ``grpc.RpcError``.
+
+Retries: reads, and mutating calls — which always carry a request ID (one is
+generated when none is given, and reused on every retry, so the server applies
+the call once) — are retried on ``UNAVAILABLE`` with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import grpc
+from actorpool.control.v1 import control_pb2 as pb
+from actorpool.control.v1 import control_pb2_grpc as pb_grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_TARGET: Final = "127.0.0.1:50051"
+SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["PoolControl"].full_name
+#: Extra time the client waits beyond a drain's own timeout for the final answer.
+DRAIN_GRACE: Final = 10.0
+
+Partition = tuple[str, int]
+_R = TypeVar("_R")
+
+# ------------------------------------------------------------------ errors
+
+
+class ControlClientError(Exception):
+    """Root of the client's errors; ``code`` is the gRPC status."""
+
+    code: grpc.StatusCode
+
+    def __init__(self, code: grpc.StatusCode, details: str, target: str = "") -> None:
+        super().__init__(f"{code.name}: {details}" + (f" ({target})" if target else ""))
+        self.code = code
+        self.details = details
+        self.target = target
+
+
+class UnavailableError(ControlClientError):
+    """The server could not be reached (or is shutting down)."""
+
+
+class AuthError(ControlClientError):
+    """``UNAUTHENTICATED`` (missing or wrong token) or ``PERMISSION_DENIED`` (read token)."""
+
+
+class InvalidArgumentError(ControlClientError):
+    """The server rejected an argument."""
+
+
+class NotFoundError(ControlClientError):
+    """A listed partition (or similar) does not exist on that replica."""
+
+
+class PreconditionError(ControlClientError):
+    """``FAILED_PRECONDITION`` — valid call, wrong state (e.g. a drain already running)."""
+
+
+class DeadlineError(ControlClientError):
+    """``DEADLINE_EXCEEDED``: the call (or a drain) ran out of time.
+
+    For a drain, ``partial`` is the server's :class:`pb.DrainResult` with what
+    was finished and what remained (``None`` if the client's own deadline hit first).
+    """
+
+    partial: pb.DrainResult | None = None
+
+
+_BY_CODE: Final[dict[grpc.StatusCode, type[ControlClientError]]] = {
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: PreconditionError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineError,
+}
+
+
+def _error(exc: grpc.RpcError, target: str) -> ControlClientError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(code.name)
+    return _BY_CODE.get(code, ControlClientError)(code, details, target)
+
+
+# ----------------------------------------------------------------- options
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """TLS for the client. ``ca_file`` (PEM) to trust, else the system roots;
+    ``cert_file``/``key_file`` for mutual TLS; ``server_name`` overrides the
+    name checked against the server certificate."""
+
+    ca_file: str | Path | None = None
+    cert_file: str | Path | None = None
+    key_file: str | Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file),
+            private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file),
+        )
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOptions:
+    """Retries on UNAVAILABLE for reads and request-ID'd mutations."""
+
+    attempts: int = 3
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --------------------------------------------------------------- requests
+
+_MODES: Final = {"keyed": pb.POOL_MODE_KEYED, "actor": pb.POOL_MODE_ACTOR}
+
+
+def mode_value(mode: str | int) -> pb.PoolMode.ValueType:
+    """``"keyed"``/``"actor"`` (any case, or ``PoolMode``) or an enum number → enum value."""
+    if isinstance(mode, int):
+        return pb.PoolMode.ValueType(mode)
+    try:
+        return _MODES[str(mode).strip().lower()]
+    except KeyError:
+        raise ValueError(f"mode must be 'keyed' or 'actor', got {mode!r}") from None
+
+
+def mode_name(value: int) -> str:
+    return {pb.POOL_MODE_KEYED: "keyed", pb.POOL_MODE_ACTOR: "actor"}.get(value, "unspecified")  # type: ignore[call-overload, no-any-return]
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(value * 1e9))
+    return d
+
+
+def _partitions(partitions: Sequence[Partition] | None) -> list[pb.TopicPartition]:
+    return [pb.TopicPartition(topic=t, partition=p) for t, p in partitions or ()]
+
+
+def dead_letter_filter(
+    *,
+    topic: str = "",
+    aggregate_id: str = "",
+    error_type: str = "",
+    reason: str = "",
+    since: float | None = None,
+) -> pb.DeadLetterFilter:
+    f = pb.DeadLetterFilter(
+        topic=topic, aggregate_id=aggregate_id, error_type=error_type, reason=reason
+    )
+    if since is not None:
+        ts = timestamp_pb2.Timestamp()
+        ts.FromNanoseconds(round(since * 1e9))
+        f.since.CopyFrom(ts)
+    return f
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: ClientTls | None = None,
+        timeout: float = 10.0,
+        retry: RetryOptions = RetryOptions(),
+    ) -> None:
+        self.target = target
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._tls = tls
+        self.timeout = timeout
+        self.retry = retry
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+# ------------------------------------------------------------ async client
+
+
+class AsyncPoolControlClient(_Base):
+    """Async client for one replica. ``async with`` closes the channel."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: ClientTls | None = None,
+        timeout: float = 10.0,
+        retry: RetryOptions = RetryOptions(),
+    ) -> None:
+        super().__init__(target, token=token, tls=tls, timeout=timeout, retry=retry)
+        if tls is not None:
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), tls.options())
+        else:
+            self._channel = grpc.aio.insecure_channel(target)
+        self._stub: Any = pb_grpc.PoolControlStub(self._channel)
+        self._health: Any = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        """Close the channel. Idempotent."""
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncPoolControlClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _unary(
+        self, method: str, request: Any, timeout: float | None, *, retry: bool = True
+    ) -> Any:
+        call = getattr(self._stub, method)
+        attempts = self.retry.attempts if retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await call(request, timeout=self._timeout(timeout), metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE or attempt == attempts:
+                    raise _error(exc, self.target) from None
+            await asyncio.sleep(self.retry.backoff(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---------------------------------------------------------- reads
+    async def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
+        return await self._unary("GetStatus", pb.GetStatusRequest(), timeout)  # type: ignore[no-any-return]
+
+    async def inbox_depth(
+        self,
+        *,
+        aggregate_id: str = "",
+        top: int = 0,
+        pool: str | int | None = None,
+        omit_executors: bool = False,
+        timeout: float | None = None,
+    ) -> pb.GetInboxDepthResponse:
+        request = pb.GetInboxDepthRequest(
+            aggregate_id=aggregate_id,
+            top=top,
+            pool=mode_value(pool) if pool is not None else pb.POOL_MODE_UNSPECIFIED,
+            omit_executors=omit_executors,
+        )
+        return await self._unary("GetInboxDepth", request, timeout)  # type: ignore[no-any-return]
+
+    async def health(self, *, timeout: float | None = None) -> str:
+        """``"SERVING"`` / ``"NOT_SERVING"`` of the control service (no token needed)."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=self._timeout(timeout),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, self.target) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    # ------------------------------------------------------- mutations
+    async def set_mode(
+        self,
+        mode: str | int,
+        *,
+        request_id: str | None = None,
+        wait_timeout: float | None = None,
+        timeout: float | None = None,
+    ) -> pb.SetPoolModeResponse:
+        request = pb.SetPoolModeRequest(
+            mode=mode_value(mode), request_id=request_id or new_request_id()
+        )
+        if wait_timeout is not None:
+            request.wait_timeout.CopyFrom(seconds(wait_timeout))
+        return await self._unary("SetPoolMode", request, timeout)  # type: ignore[no-any-return]
+
+    async def set_rollout(
+        self,
+        percent: float,
+        *,
+        request_id: str | None = None,
+        wait_timeout: float | None = None,
+        timeout: float | None = None,
+    ) -> pb.SetRolloutResponse:
+        request = pb.SetRolloutRequest(percent=percent, request_id=request_id or new_request_id())
+        if wait_timeout is not None:
+            request.wait_timeout.CopyFrom(seconds(wait_timeout))
+        return await self._unary("SetRollout", request, timeout)  # type: ignore[no-any-return]
+
+    async def pause(
+        self,
+        partitions: Sequence[Partition] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Partition]:
+        request = pb.PauseRequest(
+            partitions=_partitions(partitions), request_id=request_id or new_request_id()
+        )
+        reply = await self._unary("Pause", request, timeout)
+        return [(p.topic, p.partition) for p in reply.partitions]
+
+    async def resume(
+        self,
+        partitions: Sequence[Partition] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Partition]:
+        request = pb.ResumeRequest(
+            partitions=_partitions(partitions), request_id=request_id or new_request_id()
+        )
+        reply = await self._unary("Resume", request, timeout)
+        return [(p.topic, p.partition) for p in reply.partitions]
+
+    async def drain(
+        self,
+        timeout: float,
+        *,
+        partitions: Sequence[Partition] | None = None,
+        resume_after: bool = False,
+        request_id: str | None = None,
+        on_progress: Callable[[pb.DrainProgress], None] | None = None,
+    ) -> pb.DrainResult:
+        """Drain; returns the final result. Raises :class:`DeadlineError` (with
+        ``partial``) when the server's drain timed out."""
+        request = pb.DrainRequest(
+            timeout=seconds(timeout),
+            partitions=_partitions(partitions),
+            resume_after=resume_after,
+            request_id=request_id or new_request_id(),
+        )
+        for attempt in range(1, self.retry.attempts + 1):
+            received = False
+            result: pb.DrainResult | None = None
+            try:
+                stream = self._stub.Drain(
+                    request, timeout=timeout + DRAIN_GRACE, metadata=self._metadata
+                )
+                async for message in stream:
+                    received = True
+                    if message.HasField("progress"):
+                        if on_progress is not None:
+                            on_progress(message.progress)
+                    else:
+                        result = message.result
+            except grpc.aio.AioRpcError as exc:
+                error = _error(exc, self.target)
+                if isinstance(error, DeadlineError):
+                    error.partial = result
+                    raise error from None
+                if received or not isinstance(error, UnavailableError):
+                    raise error from None
+                if attempt == self.retry.attempts:
+                    raise error from None
+                await asyncio.sleep(self.retry.backoff(attempt))
+                continue
+            if result is None:
+                raise ControlClientError(
+                    grpc.StatusCode.UNKNOWN, "drain stream ended without a result", self.target
+                )
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def dead_letters(
+        self,
+        *,
+        follow: bool = False,
+        filter: pb.DeadLetterFilter | None = None,
+        backlog_limit: int = 0,
+        buffer_size: int = 0,
+    ) -> AsyncIterator[pb.StreamDeadLettersResponse]:
+        """Stream events: dead letters of the backlog, a ``backlog_end``, then
+        (``follow``) live dead letters and ``skipped`` notices. Not retried."""
+        request = pb.StreamDeadLettersRequest(
+            filter=filter or pb.DeadLetterFilter(),
+            follow=follow,
+            backlog_limit=backlog_limit,
+            buffer_size=buffer_size,
+        )
+        stream = self._stub.StreamDeadLetters(
+            request, timeout=None if follow else self.timeout, metadata=self._metadata
+        )
+        try:
+            async for message in stream:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, self.target) from None
+        finally:
+            stream.cancel()
+
+    async def redrive(
+        self,
+        *,
+        ids: Sequence[str] = (),
+        filter: pb.DeadLetterFilter | None = None,
+        all: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.RedriveDeadLettersResponse:
+        request = pb.RedriveDeadLettersRequest(
+            ids=list(ids), all=all, request_id=request_id or new_request_id()
+        )
+        if filter is not None:
+            request.filter.CopyFrom(filter)
+        return await self._unary("RedriveDeadLetters", request, timeout)  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------- sync client
+
+
+class PoolControlClient(_Base):
+    """Blocking client for one replica (scripts, notebooks). ``with`` closes it."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: ClientTls | None = None,
+        timeout: float = 10.0,
+        retry: RetryOptions = RetryOptions(),
+    ) -> None:
+        super().__init__(target, token=token, tls=tls, timeout=timeout, retry=retry)
+        if tls is not None:
+            self._channel = grpc.secure_channel(target, tls.credentials(), tls.options())
+        else:
+            self._channel = grpc.insecure_channel(target)
+        self._stub: Any = pb_grpc.PoolControlStub(self._channel)
+        self._health: Any = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel. Idempotent."""
+        self._channel.close()
+
+    def __enter__(self) -> PoolControlClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
+        call = getattr(self._stub, method)
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return call(request, timeout=self._timeout(timeout), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE or attempt == self.retry.attempts:
+                    raise _error(exc, self.target) from None
+            time.sleep(self.retry.backoff(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
+        return self._unary("GetStatus", pb.GetStatusRequest(), timeout)  # type: ignore[no-any-return]
+
+    def inbox_depth(
+        self,
+        *,
+        aggregate_id: str = "",
+        top: int = 0,
+        pool: str | int | None = None,
+        omit_executors: bool = False,
+        timeout: float | None = None,
+    ) -> pb.GetInboxDepthResponse:
+        request = pb.GetInboxDepthRequest(
+            aggregate_id=aggregate_id,
+            top=top,
+            pool=mode_value(pool) if pool is not None else pb.POOL_MODE_UNSPECIFIED,
+            omit_executors=omit_executors,
+        )
+        return self._unary("GetInboxDepth", request, timeout)  # type: ignore[no-any-return]
+
+    def health(self, *, timeout: float | None = None) -> str:
+        try:
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=self._timeout(timeout),
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, self.target) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def set_mode(
+        self,
+        mode: str | int,
+        *,
+        request_id: str | None = None,
+        wait_timeout: float | None = None,
+        timeout: float | None = None,
+    ) -> pb.SetPoolModeResponse:
+        request = pb.SetPoolModeRequest(
+            mode=mode_value(mode), request_id=request_id or new_request_id()
+        )
+        if wait_timeout is not None:
+            request.wait_timeout.CopyFrom(seconds(wait_timeout))
+        return self._unary("SetPoolMode", request, timeout)  # type: ignore[no-any-return]
+
+    def set_rollout(
+        self,
+        percent: float,
+        *,
+        request_id: str | None = None,
+        wait_timeout: float | None = None,
+        timeout: float | None = None,
+    ) -> pb.SetRolloutResponse:
+        request = pb.SetRolloutRequest(percent=percent, request_id=request_id or new_request_id())
+        if wait_timeout is not None:
+            request.wait_timeout.CopyFrom(seconds(wait_timeout))
+        return self._unary("SetRollout", request, timeout)  # type: ignore[no-any-return]
+
+    def pause(
+        self,
+        partitions: Sequence[Partition] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Partition]:
+        request = pb.PauseRequest(
+            partitions=_partitions(partitions), request_id=request_id or new_request_id()
+        )
+        return [(p.topic, p.partition) for p in self._unary("Pause", request, timeout).partitions]
+
+    def resume(
+        self,
+        partitions: Sequence[Partition] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Partition]:
+        request = pb.ResumeRequest(
+            partitions=_partitions(partitions), request_id=request_id or new_request_id()
+        )
+        return [(p.topic, p.partition) for p in self._unary("Resume", request, timeout).partitions]
+
+    def drain(
+        self,
+        timeout: float,
+        *,
+        partitions: Sequence[Partition] | None = None,
+        resume_after: bool = False,
+        request_id: str | None = None,
+        on_progress: Callable[[pb.DrainProgress], None] | None = None,
+    ) -> pb.DrainResult:
+        """As :meth:`AsyncPoolControlClient.drain` (not retried once progress arrived)."""
+        request = pb.DrainRequest(
+            timeout=seconds(timeout),
+            partitions=_partitions(partitions),
+            resume_after=resume_after,
+            request_id=request_id or new_request_id(),
+        )
+        for attempt in range(1, self.retry.attempts + 1):
+            received = False
+            result: pb.DrainResult | None = None
+            try:
+                for message in self._stub.Drain(
+                    request, timeout=timeout + DRAIN_GRACE, metadata=self._metadata
+                ):
+                    received = True
+                    if message.HasField("progress"):
+                        if on_progress is not None:
+                            on_progress(message.progress)
+                    else:
+                        result = message.result
+            except grpc.RpcError as exc:
+                error = _error(exc, self.target)
+                if isinstance(error, DeadlineError):
+                    error.partial = result
+                    raise error from None
+                if received or not isinstance(error, UnavailableError):
+                    raise error from None
+                if attempt == self.retry.attempts:
+                    raise error from None
+                time.sleep(self.retry.backoff(attempt))
+                continue
+            if result is None:
+                raise ControlClientError(
+                    grpc.StatusCode.UNKNOWN, "drain stream ended without a result", self.target
+                )
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def dead_letters(
+        self,
+        *,
+        follow: bool = False,
+        filter: pb.DeadLetterFilter | None = None,
+        backlog_limit: int = 0,
+        buffer_size: int = 0,
+    ) -> Iterator[pb.StreamDeadLettersResponse]:
+        request = pb.StreamDeadLettersRequest(
+            filter=filter or pb.DeadLetterFilter(),
+            follow=follow,
+            backlog_limit=backlog_limit,
+            buffer_size=buffer_size,
+        )
+        stream = self._stub.StreamDeadLetters(
+            request, timeout=None if follow else self.timeout, metadata=self._metadata
+        )
+        try:
+            yield from stream
+        except grpc.RpcError as exc:
+            raise _error(exc, self.target) from None
+        finally:
+            stream.cancel()
+
+    def redrive(
+        self,
+        *,
+        ids: Sequence[str] = (),
+        filter: pb.DeadLetterFilter | None = None,
+        all: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.RedriveDeadLettersResponse:
+        request = pb.RedriveDeadLettersRequest(
+            ids=list(ids), all=all, request_id=request_id or new_request_id()
+        )
+        if filter is not None:
+            request.filter.CopyFrom(filter)
+        return self._unary("RedriveDeadLetters", request, timeout)  # type: ignore[no-any-return]

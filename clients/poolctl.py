@@ -1,0 +1,644 @@
+"""``poolctl``: the operator CLI of the control API.
+
+    poolctl [--target HOST:PORT]... [--token T] [--json] COMMAND [ARGS]
+
+Commands: ``status``, ``mode keyed|actor``, ``rollout N``,
+``depth [--aggregate ID] [--top N]``, ``drain [--timeout S]``, ``pause``,
+``resume``, ``dead-letters [--follow]``, ``redrive``. ``--deadline S`` bounds
+each call (default 10 s); ``drain --timeout S`` is how long the drain may take.
+Every command runs against every ``--target`` (concurrently) and reports each.
+
+Output: readable tables by default; ``--json`` prints the response as JSON (one
+object for one target, ``{"targets": [...]}`` for several; ``dead-letters``
+prints one JSON object per line).
+
+Exit codes (for several targets: the first failing target's code):
+
+    0  ok
+    1  unexpected error
+    2  usage error, or the server rejected an argument (INVALID_ARGUMENT)
+    3  unavailable: cannot connect, or the server is shutting down
+    4  authentication or permission (UNAUTHENTICATED, PERMISSION_DENIED)
+    5  failed precondition, or a timeout (a drain that did not finish in time)
+    6  not found (e.g. a partition not assigned to that replica)
+    130 interrupted (Ctrl-C)
+
+Environment: ``POOLCTL_TARGET`` (comma-separated), ``POOLCTL_TOKEN``,
+``POOLCTL_TLS_CA``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TextIO
+
+import grpc
+from actorpool.control.v1 import control_pb2 as pb
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message as ProtoMessage
+
+from clients._client import (
+    DEFAULT_TARGET,
+    AsyncPoolControlClient,
+    ClientTls,
+    ControlClientError,
+    DeadlineError,
+    dead_letter_filter,
+    mode_name,
+)
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_UNAVAILABLE: Final = 3
+EXIT_AUTH: Final = 4
+EXIT_FAILED: Final = 5
+EXIT_NOT_FOUND: Final = 6
+EXIT_INTERRUPTED: Final = 130
+
+_EXIT_BY_CODE: Final = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    grpc.StatusCode.OUT_OF_RANGE: EXIT_USAGE,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_AUTH,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_FAILED,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_FAILED,
+    grpc.StatusCode.ABORTED: EXIT_FAILED,
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+}
+
+
+def exit_code_for(error: ControlClientError) -> int:
+    return _EXIT_BY_CODE.get(error.code, EXIT_ERROR)
+
+
+class UsageError(Exception):
+    """A bad command line (exit 2)."""
+
+
+# ------------------------------------------------------------- rendering
+
+
+def to_dict(message: ProtoMessage) -> dict[str, Any]:
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[[_cell(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _time(ts: Any) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    when: dt.datetime = ts.ToDatetime(tzinfo=dt.UTC)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _duration(d: Any) -> str:
+    total = d.ToNanoseconds() / 1e9
+    if total < 1:
+        return f"{total * 1000:.1f}ms"
+    if total < 120:
+        return f"{total:.2f}s"
+    minutes, secs = divmod(int(total), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _opt(message: Any, field: str) -> int | None:
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def render_status(s: pb.GetStatusResponse) -> str:
+    lines = [
+        (
+            f"mode        {mode_name(s.mode)}   rollout {s.rollout_percent:g}%   "
+            f"generation {s.generation}   since {_time(s.since)}"
+        ),
+        (
+            f"ready       {_cell(s.ready)}   draining {_cell(s.draining)}   "
+            f"uptime {_duration(s.uptime)}   version {s.version or '-'}"
+        ),
+        f"in flight   {s.in_flight}   dead letters {s.dead_letters}   restarts {s.restarts}",
+    ]
+    if s.group_id or s.instance:
+        lines.append(f"group       {s.group_id or '-'}   instance {s.instance or '-'}")
+    lines += [
+        "",
+        table(
+            ["POOL", "SIZE", "CAPACITY", "IN FLIGHT", "RESTARTS"],
+            [[mode_name(p.mode), p.size, p.capacity, p.in_flight, p.restarts] for p in s.pools],
+        ),
+        "",
+    ]
+    if s.partitions:
+        lines.append(
+            table(
+                [
+                    "TOPIC",
+                    "PARTITION",
+                    "COMMITTED",
+                    "POSITION",
+                    "HIGH WATERMARK",
+                    "LAG",
+                    "IN FLIGHT",
+                    "PAUSED",
+                ],
+                [
+                    [
+                        p.topic,
+                        p.partition,
+                        _opt(p, "committed"),
+                        _opt(p, "position"),
+                        _opt(p, "high_watermark"),
+                        _opt(p, "lag"),
+                        p.in_flight,
+                        ",".join(p.paused_reasons) if p.paused else "no",
+                    ]
+                    for p in s.partitions
+                ],
+            )
+        )
+    else:
+        lines.append("no partitions assigned")
+    return "\n".join(lines)
+
+
+def render_switch(r: pb.SwitchResult, replayed: bool) -> str:
+    text = (
+        f"mode {mode_name(r.previous_mode)} -> {mode_name(r.mode)}   "
+        f"rollout {r.previous_rollout_percent:g}% -> {r.rollout_percent:g}%   "
+        f"generation {r.generation}   took {_duration(r.took)}   "
+        f"waited aggregates {r.waited_aggregates}   pending {r.pending_aggregates}"
+    )
+    return text + ("   (replayed: already applied)" if replayed else "")
+
+
+def render_depth(d: pb.GetInboxDepthResponse) -> str:
+    lines = [f"total depth {d.total}"]
+    for p in d.pools:
+        lines.append(
+            f"\n{mode_name(p.mode)} pool ({'active' if p.active else 'draining'}): "
+            f"total {p.total}, {p.size} executors x capacity {p.capacity}"
+        )
+        lines.append(
+            table(
+                ["EXECUTOR", "DEPTH", "CAPACITY", "UTILIZATION"],
+                [[e.index, e.depth, e.capacity, f"{e.utilization:.1%}"] for e in p.top],
+            )
+        )
+    if d.HasField("aggregate"):
+        a = d.aggregate
+        lines.append(
+            f"\naggregate {a.aggregate_id}: {mode_name(a.mode)} executor {a.executor}, "
+            f"depth {a.depth}/{a.capacity}"
+        )
+    return "\n".join(lines)
+
+
+def render_drain(r: pb.DrainResult) -> str:
+    state = "complete" if r.complete else "INCOMPLETE"
+    lines = [
+        f"drain {state}: finished {r.finished}, remaining {r.remaining}, took {_duration(r.took)}"
+        + (", intake resumed" if r.resumed else ", intake paused until `poolctl resume`")
+        + ("   (replayed)" if r.replayed else "")
+    ]
+    if r.committed:
+        lines.append(
+            table(
+                ["TOPIC", "PARTITION", "COMMITTED"],
+                [[c.topic, c.partition, c.offset] for c in r.committed],
+            )
+        )
+    return "\n".join(lines)
+
+
+def render_partitions(verb: str, parts: Sequence[tuple[str, int]]) -> str:
+    if not parts:
+        return f"{verb}: none"
+    return f"{verb}: " + ", ".join(f"{t}[{p}]" for t, p in parts)
+
+
+def render_dead_letter(d: pb.DeadLetter) -> str:
+    error = f"{d.error_type}: {d.error_message}" if d.error_type else d.error_message
+    return (
+        f"{_time(d.time)}  {d.id}  {d.topic}[{d.partition}]@{d.offset}  "
+        f"aggregate={d.aggregate_id}  reason={d.reason}  attempts={d.attempts}  {error}"
+    )
+
+
+def render_redrive(r: pb.RedriveDeadLettersResponse) -> str:
+    lines = [f"matched {r.matched}, republished {r.republished}, failed {r.failed}"]
+    lines += [f"  {i}: {why}" for i, why in sorted(r.errors.items())]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------- arguments
+
+
+def _partition(text: str) -> tuple[str, int]:
+    topic, sep, number = text.rpartition(":")
+    if not sep or not topic or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"expected TOPIC:PARTITION, got {text!r}")
+    return topic, int(number)
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return value
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def _since(text: str) -> float:
+    """Epoch seconds from ``1700000000``, ``2026-11-25T10:00:00Z`` or ``15m`` (ago)."""
+    match = _RELATIVE.match(text)
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return dt.datetime.now(dt.UTC).timestamp() - float(match.group(1)) * unit
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected epoch seconds, ISO 8601 or a duration like 15m, got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the command."""
+    d = argparse.SUPPRESS if suppress else None
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection and output")
+    g.add_argument(
+        "--target",
+        action="append",
+        default=d,
+        metavar="HOST:PORT",
+        help="replica to talk to; repeat for several (env POOLCTL_TARGET, default "
+        f"{DEFAULT_TARGET})",
+    )
+    g.add_argument("--token", default=d, help="bearer token (env POOLCTL_TOKEN)")
+    g.add_argument("--json", action="store_true", default=d or False, help="JSON output")
+    g.add_argument(
+        "--deadline", type=_positive, default=d, help="per-call deadline in seconds (default 10)"
+    )
+    g.add_argument("--tls", action="store_true", default=d or False, help="use TLS")
+    g.add_argument("--tls-ca", default=d, metavar="PEM", help="CA to trust (implies --tls)")
+    g.add_argument("--tls-cert", default=d, metavar="PEM", help="client certificate (mTLS)")
+    g.add_argument("--tls-key", default=d, metavar="PEM", help="client key (mTLS)")
+    g.add_argument("--tls-server-name", default=d, help="name expected in the server cert")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poolctl",
+        description="Operate the Kafka actor-pool service over its gRPC control API.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage/invalid argument, 3 unavailable, "
+        "4 auth, 5 failed precondition/timeout, 6 not found, 130 interrupted.",
+        parents=[_common(suppress=False)],
+    )
+    common = _common(suppress=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("status", parents=[common], help="mode, rollout, partitions, pools, counters")
+
+    p = sub.add_parser("mode", parents=[common], help="switch the pool mode atomically")
+    p.add_argument("mode", choices=["keyed", "actor"])
+    p.add_argument("--request-id", help="idempotency key (default: a fresh one)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="how long to wait for in-flight aggregates to hand over (default 5)",
+    )
+
+    p = sub.add_parser("rollout", parents=[common], help="share of aggregates on the actor pool")
+    p.add_argument("percent", type=_percent, help="0..100")
+    p.add_argument("--request-id")
+    p.add_argument("--wait", type=float, default=None, metavar="S")
+
+    p = sub.add_parser("depth", parents=[common], help="inbox depth per executor")
+    p.add_argument("--aggregate", default="", metavar="ID", help="where this aggregate goes")
+    p.add_argument("--top", type=int, default=10, help="deepest executors to list (default 10)")
+    p.add_argument("--pool", choices=["keyed", "actor"], help="only this pool")
+
+    p = sub.add_parser("drain", parents=[common], help="pause intake, finish in-flight, commit")
+    p.add_argument("--timeout", dest="drain_timeout", type=_positive, default=30.0, metavar="S",
+                   help="how long the drain may take (default 30)")  # fmt: skip
+    p.add_argument("--partition", action="append", type=_partition, metavar="TOPIC:N")
+    p.add_argument("--resume", action="store_true", help="resume intake afterwards")
+    p.add_argument("--request-id")
+
+    for name, text in (("pause", "stop fetching"), ("resume", "resume fetching")):
+        p = sub.add_parser(name, parents=[common], help=f"{text} (all or listed partitions)")
+        p.add_argument("--partition", action="append", type=_partition, metavar="TOPIC:N")
+        p.add_argument("--request-id")
+
+    p = sub.add_parser("dead-letters", parents=[common], help="show (and follow) dead letters")
+    p.add_argument("--follow", "-f", action="store_true", help="keep streaming live ones")
+    p.add_argument("--limit", type=int, default=0, help="newest N of the backlog (0 = all)")
+    _filters(p)
+
+    p = sub.add_parser("redrive", parents=[common], help="republish dead letters")
+    p.add_argument("--id", action="append", dest="ids", default=[], metavar="ID")
+    p.add_argument("--all", action="store_true", help="every dead letter held (no filter)")
+    p.add_argument("--request-id")
+    _filters(p)
+    return parser
+
+
+def _filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topic", default="")
+    p.add_argument("--aggregate", default="", metavar="ID")
+    p.add_argument("--error-type", default="", help="exception class name, e.g. ValueError")
+    p.add_argument("--reason", default="", help="e.g. retries-exhausted, non-retryable")
+    p.add_argument("--since", type=_since, default=None, help="epoch, ISO 8601 or 15m/2h ago")
+
+
+# -------------------------------------------------------------- commands
+
+
+@dataclass
+class Outcome:
+    target: str
+    result: ProtoMessage | None = None
+    text: str = ""
+    error: ControlClientError | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.error is None else exit_code_for(self.error)
+
+
+Command = Callable[
+    [AsyncPoolControlClient, argparse.Namespace], Awaitable[tuple[ProtoMessage, str]]
+]
+
+
+async def cmd_status(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    s = await c.status()
+    return s, render_status(s)
+
+
+async def cmd_mode(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    r = await c.set_mode(a.mode, request_id=a.request_id, wait_timeout=a.wait)
+    return r, render_switch(r.result, r.replayed)
+
+
+async def cmd_rollout(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    r = await c.set_rollout(a.percent, request_id=a.request_id, wait_timeout=a.wait)
+    return r, render_switch(r.result, r.replayed)
+
+
+async def cmd_depth(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    d = await c.inbox_depth(
+        aggregate_id=a.aggregate, top=a.top, pool=a.pool, omit_executors=not a.json
+    )
+    return d, render_depth(d)
+
+
+async def cmd_drain(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    def progress(p: pb.DrainProgress) -> None:
+        if not a.json:
+            print(
+                f"[{c.target}] draining: finished {p.finished}, remaining {p.remaining}, "
+                f"{_duration(p.elapsed)}",
+                file=sys.stderr,
+            )
+
+    r = await c.drain(
+        a.drain_timeout,
+        partitions=a.partition,
+        resume_after=a.resume,
+        request_id=a.request_id,
+        on_progress=progress,
+    )
+    return r, render_drain(r)
+
+
+async def cmd_pause(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    parts = await c.pause(a.partition, request_id=a.request_id)
+    return pb.PauseResponse(
+        partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in parts]
+    ), render_partitions("paused", parts)
+
+
+async def cmd_resume(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    parts = await c.resume(a.partition, request_id=a.request_id)
+    return pb.ResumeResponse(
+        partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in parts]
+    ), render_partitions("resumed", parts)
+
+
+def _filter_from(a: argparse.Namespace) -> pb.DeadLetterFilter:
+    return dead_letter_filter(
+        topic=a.topic,
+        aggregate_id=a.aggregate,
+        error_type=a.error_type,
+        reason=a.reason,
+        since=a.since,
+    )
+
+
+async def cmd_redrive(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    f = _filter_from(a)
+    r = await c.redrive(
+        ids=a.ids,
+        filter=None if a.ids or f == pb.DeadLetterFilter() else f,
+        all=a.all,
+        request_id=a.request_id,
+    )
+    return r, render_redrive(r)
+
+
+COMMANDS: Final[dict[str, Command]] = {
+    "status": cmd_status,
+    "mode": cmd_mode,
+    "rollout": cmd_rollout,
+    "depth": cmd_depth,
+    "drain": cmd_drain,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+    "redrive": cmd_redrive,
+}
+
+
+async def stream_dead_letters(
+    clients: Sequence[AsyncPoolControlClient], a: argparse.Namespace, out: TextIO
+) -> list[Outcome]:
+    several = len(clients) > 1
+
+    async def one(c: AsyncPoolControlClient) -> Outcome:
+        prefix = f"[{c.target}] " if several else ""
+        try:
+            async for event in c.dead_letters(
+                follow=a.follow, filter=_filter_from(a), backlog_limit=a.limit
+            ):
+                kind = event.WhichOneof("event")
+                if a.json:
+                    line = {"target": c.target, **to_dict(event)}
+                    print(json.dumps(line, sort_keys=True), file=out, flush=True)
+                elif kind == "dead_letter":
+                    print(prefix + render_dead_letter(event.dead_letter), file=out, flush=True)
+                elif kind == "backlog_end":
+                    note = f"{event.backlog_end.count} dead letters in memory"
+                    print(prefix + note + ("; following..." if a.follow else ""), file=sys.stderr)
+                else:
+                    print(
+                        f"{prefix}reader too slow: skipped {event.skipped.count} "
+                        f"(total {event.skipped.total})",
+                        file=sys.stderr,
+                    )
+        except ControlClientError as error:
+            return Outcome(c.target, error=error)
+        return Outcome(c.target)
+
+    return list(await asyncio.gather(*(one(c) for c in clients)))
+
+
+async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    targets: list[str] = args.target or [
+        t.strip() for t in os.environ.get("POOLCTL_TARGET", DEFAULT_TARGET).split(",") if t.strip()
+    ]
+    token = args.token or os.environ.get("POOLCTL_TOKEN") or None
+    ca = args.tls_ca or os.environ.get("POOLCTL_TLS_CA") or None
+    tls = None
+    if args.tls or ca or args.tls_cert:
+        tls = ClientTls(
+            ca_file=ca,
+            cert_file=args.tls_cert,
+            key_file=args.tls_key,
+            server_name=args.tls_server_name,
+        )
+    clients = [
+        AsyncPoolControlClient(t, token=token, tls=tls, timeout=args.deadline or 10.0)
+        for t in targets
+    ]
+    try:
+        if args.command == "dead-letters":
+            outcomes = await stream_dead_letters(clients, args, out)
+            for o in outcomes:
+                if o.error is not None:
+                    print(f"poolctl: {o.target}: {o.error}", file=sys.stderr)
+            return next((o.exit_code for o in outcomes if o.exit_code), EXIT_OK)
+        command = COMMANDS[args.command]
+
+        async def one(c: AsyncPoolControlClient) -> Outcome:
+            try:
+                result, text = await command(c, args)
+            except DeadlineError as error:
+                partial = error.partial
+                return Outcome(
+                    c.target,
+                    result=partial,
+                    text=render_drain(partial) if partial is not None else "",
+                    error=error,
+                )
+            except ControlClientError as error:
+                return Outcome(c.target, error=error)
+            return Outcome(c.target, result=result, text=text)
+
+        outcomes = list(await asyncio.gather(*(one(c) for c in clients)))
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    report(outcomes, json_output=args.json, out=out)
+    return next((o.exit_code for o in outcomes if o.exit_code), EXIT_OK)
+
+
+def report(outcomes: Sequence[Outcome], *, json_output: bool, out: TextIO) -> None:
+    several = len(outcomes) > 1
+    if json_output:
+        entries = []
+        for o in outcomes:
+            entry: dict[str, Any] = {"target": o.target, "ok": o.error is None}
+            if o.result is not None:
+                entry["result"] = to_dict(o.result)
+            if o.error is not None:
+                entry["error"] = {"code": o.error.code.name, "message": o.error.details}
+            entries.append(entry)
+        if several:
+            doc: Any = {"targets": entries}
+        elif outcomes[0].error is None:
+            doc = entries[0]["result"]
+        else:
+            doc = {k: v for k, v in entries[0].items() if k != "target"}
+        print(json.dumps(doc, indent=2, sort_keys=True), file=out)
+    else:
+        for i, o in enumerate(outcomes):
+            if several:
+                print(("\n" if i else "") + f"== {o.target} ==", file=out)
+            if o.text:
+                print(o.text, file=out)
+    for o in outcomes:
+        if o.error is not None:
+            print(f"poolctl: {o.target}: {o.error}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on usage errors
+    if args.command == "rollout" and not 0 <= args.percent <= 100:
+        parser.error(f"rollout percent must be within 0..100, got {args.percent:g}")
+    if args.command == "depth" and not 0 <= args.top <= 1000:
+        parser.error("--top must be within 0..1000")
+    if args.command == "redrive" and args.ids and args.all:
+        parser.error("--id and --all are exclusive")
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (OSError, ValueError) as exc:
+        print(f"poolctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
