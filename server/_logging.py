@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import IO, Any, Final, Protocol
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
 
 __all__ = ["LEVELS", "bind_event", "configure_logging", "event_fields"]
 
@@ -59,6 +59,16 @@ class _EventLike(Protocol):
 
 class _OurHandler(logging.StreamHandler[IO[str]]):
     """Marks the root handler installed here, so reconfiguring replaces only it."""
+
+
+_FIRST_KEYS: Final = ("timestamp", "level", "logger", "event")
+
+
+def _keys_first(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
+    """Put timestamp, level, logger and event first, so JSON lines read left to right."""
+    head = {k: event_dict.pop(k) for k in _FIRST_KEYS if k in event_dict}
+    head.update(event_dict)
+    return head
 
 
 def _level_number(level: str) -> int:
@@ -103,6 +113,7 @@ def configure_logging(
         renderer = [
             structlog.processors.dict_tracebacks,
             structlog.processors.UnicodeDecoder(),
+            _keys_first,
             structlog.processors.JSONRenderer(sort_keys=False),
         ]
     else:

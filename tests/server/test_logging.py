@@ -56,6 +56,7 @@ def test_json_line_has_timestamp_level_logger_event_and_keys() -> None:
     configure_logging("info", json=True, stream=out)
     structlog.get_logger("server.test").info("pool.switched", from_mode="keyed", took_ms=3.5)
     (line,) = _lines(out)
+    assert list(line)[:4] == ["timestamp", "level", "logger", "event"]
     assert line["event"] == "pool.switched"
     assert line["level"] == "info"
     assert line["logger"] == "server.test"
