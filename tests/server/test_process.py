@@ -1,0 +1,200 @@
+"""``python -m server`` as real processes: kill -9 and restart, a second
+instance joining and leaving, SIGTERM. The handler
+(``tests/server/recording_handler.py``) appends a line per handled event, so
+the tests judge from what was actually handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server._broker import EmbeddedBroker
+from tests.conftest import MakeTopic
+from tests.helpers import assert_eventually
+from tests.server.kafka_utils import aggregate_events, committed_offsets, envelope, produce
+from tests.server.recording_handler import Record, read_records
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], out: Path, err: Path) -> None:
+        self.proc = proc
+        self.out = out
+        self.err = err
+
+    def started(self) -> bool:
+        assert self.proc.poll() is None, f"server exited early:\n{self.err.read_text()[-3000:]}"
+        return "pool-server is running" in self.out.read_text()
+
+    def stderr_tail(self) -> str:
+        return self.err.read_text()[-3000:]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[object]:
+    procs: list[ServerProcess] = []
+
+    def _spawn(
+        bootstrap: str, topic: str, group: str, record: Path, latency_ms: float
+    ) -> ServerProcess:
+        n = len(procs)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "RECORD_FILE": str(record),
+            "RECORD_LATENCY_MS": str(latency_ms),
+        }
+        cmd = [
+            sys.executable, "-m", "server",
+            "--brokers", bootstrap,
+            "--topic", topic,
+            "--group-id", group,
+            "--handler", "tests.server.recording_handler:handle",
+            "--grpc-address", "127.0.0.1:0",
+            "--metrics-address", "127.0.0.1:0",
+            "--set", "log.format=json",
+            "--set", "kafka.consumer.sessionTimeoutMs=2000",
+            "--set", "kafka.consumer.heartbeatIntervalMs=500",
+            "--set", "kafka.consumer.commitIntervalMs=100",
+            "--set", "kafka.consumer.revokeTimeoutMs=10000",
+            "--set", "pool.drainTimeoutS=10",
+        ]  # fmt: skip
+        out, err = tmp_path / f"server{n}.out", tmp_path / f"server{n}.err"
+        with out.open("wb") as o, err.open("wb") as e:
+            proc = subprocess.Popen(cmd, env=env, stdout=o, stderr=e, cwd=ROOT)
+        sp = ServerProcess(proc, out, err)
+        procs.append(sp)
+        return sp
+
+    yield _spawn
+    for sp in procs:
+        if sp.proc.poll() is None:
+            sp.proc.kill()
+            sp.proc.wait(10)
+
+
+def _handled(records: list[Record]) -> set[tuple[int, int]]:
+    return {(r.partition, r.offset) for r in records}
+
+
+def _check_order_across_owners(records: list[Record], per_aggregate: int) -> None:
+    """Per aggregate, in handling order across every process: never two at once,
+    never a skip forward (a restart after a rebalance or a crash may go back)."""
+    by_agg: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_agg[r.aggregate_id].append(r)
+    for agg, recs in by_agg.items():
+        recs.sort(key=lambda r: r.start_ns)
+        assert recs[0].seq == 0, agg
+        for prev, cur in itertools.pairwise(recs):
+            assert cur.seq <= prev.seq + 1, f"{agg}: {prev.seq} then {cur.seq} (skipped ahead)"
+            assert cur.start_ns >= prev.end_ns, f"{agg}: two events handled at once"
+        assert {r.seq for r in recs} == set(range(per_aggregate)), agg
+
+
+async def test_kill_9_mid_stream_then_restart_loses_nothing(
+    broker: EmbeddedBroker, make_topic: MakeTopic, spawn: object, tmp_path: Path
+) -> None:
+    partitions, aggregates, per_aggregate = 4, 100, 30
+    topic = await make_topic(partitions=partitions)
+    group = f"{topic}-g"
+    ends = await produce(
+        broker.bootstrap, topic, aggregate_events(aggregates, per_aggregate, partitions)
+    )
+    everything = {(p, o) for p, end in ends.items() for o in range(end)}
+    record = tmp_path / "handled.log"
+    first = spawn(broker.bootstrap, topic, group, record, latency_ms=20)  # type: ignore[operator]
+    await assert_eventually(first.started, timeout=20)
+    await assert_eventually(lambda: len(read_records(record)) >= 1000, timeout=30)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    handled_before = _handled(read_records(record))
+    assert len(handled_before) < len(everything), "the kill came too late to be mid-stream"
+    committed = await committed_offsets(broker.bootstrap, group, topic, partitions)
+    # No committed offset is ahead of an event the dead process had not finished.
+    for p, c in committed.items():
+        for o in range(c or 0):
+            assert (p, o) in handled_before, f"committed {c} on partition {p}, {o} unhandled"
+
+    second = spawn(broker.bootstrap, topic, group, record, latency_ms=20)  # type: ignore[operator]
+    await assert_eventually(second.started, timeout=20)
+    await assert_eventually(
+        lambda: _handled(read_records(record)) >= everything, timeout=60, message="all handled"
+    )
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(20) == 0, second.stderr_tail()
+    records = read_records(record)
+    assert _handled(records) == everything
+    _check_order_across_owners(records, per_aggregate)
+    assert await committed_offsets(broker.bootstrap, group, topic, partitions) == ends
+    redelivered = len(records) - len(everything)
+    print(f"\nkill -9: {len(handled_before)} handled before, {redelivered} handled twice")
+
+
+async def _produce_in_waves(
+    bootstrap: str, topic: str, aggregates: int, per_aggregate: int, partitions: int, pace_s: float
+) -> dict[int, int]:
+    """One event per aggregate per wave, a wave every ``pace_s``: a stream that
+    lasts while instances come and go (pacing the load, not synchronising)."""
+    ends: dict[int, int] = {}
+    for seq in range(per_aggregate):
+        wave = [
+            (i % partitions, f"agg-{i}".encode(), envelope(f"agg-{i}", seq))
+            for i in range(aggregates)
+        ]
+        for p, end in (await produce(bootstrap, topic, wave)).items():
+            ends[p] = max(ends.get(p, 0), end)
+        await asyncio.sleep(pace_s)
+    return ends
+
+
+async def test_second_instance_joins_and_leaves_mid_stream(
+    broker: EmbeddedBroker, make_topic: MakeTopic, spawn: object, tmp_path: Path
+) -> None:
+    partitions, aggregates, per_aggregate = 4, 100, 60
+    topic = await make_topic(partitions=partitions)
+    group = f"{topic}-g"
+    record = tmp_path / "handled.log"
+    a = spawn(broker.bootstrap, topic, group, record, latency_ms=5)  # type: ignore[operator]
+    await assert_eventually(a.started, timeout=20)
+    producer = asyncio.ensure_future(
+        _produce_in_waves(broker.bootstrap, topic, aggregates, per_aggregate, partitions, 0.1)
+    )
+    try:
+        await assert_eventually(lambda: len(read_records(record)) >= 300, timeout=30)
+        b = spawn(broker.bootstrap, topic, group, record, latency_ms=5)  # type: ignore[operator]
+        await assert_eventually(b.started, timeout=20)
+
+        def b_handled() -> int:
+            return sum(1 for r in read_records(record) if r.pid == b.proc.pid)
+
+        await assert_eventually(lambda: b_handled() >= 200, timeout=30, message="B took over")
+        assert not producer.done(), "B joined after the stream ended"
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(30) == 0, b.stderr_tail()
+        assert not producer.done(), "B left after the stream ended"
+        ends = await producer
+    finally:
+        producer.cancel()
+    everything = {(p, o) for p, end in ends.items() for o in range(end)}
+    await assert_eventually(
+        lambda: _handled(read_records(record)) >= everything, timeout=60, message="all handled"
+    )
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(30) == 0, a.stderr_tail()
+    records = read_records(record)
+    assert {r.pid for r in records} == {a.proc.pid, b.proc.pid}
+    assert _handled(records) == everything
+    _check_order_across_owners(records, per_aggregate)
+    assert await committed_offsets(broker.bootstrap, group, topic, partitions) == ends
