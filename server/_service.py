@@ -45,6 +45,7 @@ from server._config import Settings
 from server._consumer import DRAIN, OPERATOR, ConsumerOptions, EventConsumer
 from server._consumer_metrics import ConsumerMetrics
 from server._control import (
+    CommittedOffset,
     DeadLetterFilter,
     DrainIncompleteError,
     DrainProgress,
@@ -395,7 +396,16 @@ class Service:
             try:
                 held = consumer.hold(DRAIN, tps)
                 left = await consumer.wait_finished(timeout, tps, progress)
-                committed = await consumer.commit(tps)
+                await consumer.commit(tps)
+                # Report where every drained partition now stands (also those an
+                # interval commit had already brought up to date).
+                wanted = None if tps is None else set(tps)
+                committed = [
+                    CommittedOffset(p.topic, p.partition, p.committed)
+                    for p in consumer.partition_status()
+                    if p.committed is not None
+                    and (wanted is None or TopicPartition(p.topic, p.partition) in wanted)
+                ]
                 resumed = False
                 if resume_after:
                     consumer.release((DRAIN,), tps)

@@ -12,9 +12,18 @@ import urllib.request
 from collections import defaultdict
 from typing import Any
 
+import pytest
+
+from pool import Message
 from server._broker import EmbeddedBroker
 from server._config import Settings, load_settings
-from server._control import DeadLetterFilter
+from server._control import (
+    DeadLetterFilter,
+    DrainIncompleteError,
+    DrainProgress,
+    PreconditionError,
+    UnknownPartitionError,
+)
 from server._service import Service
 from tests.conftest import MakeTopic
 from tests.helpers import assert_eventually
@@ -144,3 +153,87 @@ async def test_bad_input_each_gets_its_defined_outcome(
     assert all(h["dlq-original-topic"] == topic for h in by_offset.values())
     assert sorted(a for a, *_ in recorder.events) == ["keyed-1", "ok-1"]
     assert sorted(d.message.offset for d in held) == [1, 2, 3, 4, 5]
+
+
+class GatedRecorder(MemoryRecorder):
+    """Holds every event of the aggregates in ``gates`` until their event is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def __call__(self, message: Message) -> None:
+        gate = self.gates.get(message.aggregate_id)
+        if gate is not None:
+            await gate.wait()
+        await super().__call__(message)
+
+
+async def test_pause_resume_and_drain_through_the_control_target(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=2)
+    recorder = GatedRecorder()
+    recorder.gates["slow-0"] = asyncio.Event()
+    settings = service_settings(broker.bootstrap, topic, f"{topic}-g")
+    async with Service(settings, bootstrap_servers=broker.bootstrap, handler=recorder) as svc:
+        await svc.consumer.wait_assigned(10)
+        with pytest.raises(UnknownPartitionError):
+            await svc.pause([(topic, 7)])
+        assert await svc.pause([(topic, 0)]) == [(topic, 0)]
+        await produce(broker.bootstrap, topic, aggregate_events(20, 1, 2))
+        await assert_eventually(lambda: len(recorder.events) == 10, message="partition 1 flows")
+        st = {p.partition: p for p in svc.status().partitions}
+        assert st[0].paused_reasons == ("operator",)
+        assert not st[1].paused
+        assert await svc.resume() == [(topic, 0)]
+        await assert_eventually(lambda: len(recorder.events) == 20)
+
+        # Drain waits for the gated event, reports progress, commits, then holds intake.
+        await produce(broker.bootstrap, topic, [(0, b"slow-0", envelope("slow-0", 0))])
+        await assert_eventually(lambda: svc.consumer.in_flight == 1)
+        progress: list[DrainProgress] = []
+        drain = asyncio.ensure_future(svc.drain(timeout=10, progress=progress.append))
+        await assert_eventually(lambda: svc.status().draining)
+        with pytest.raises(PreconditionError):
+            await svc.drain(timeout=1)
+        recorder.gates["slow-0"].set()
+        result = await drain
+        assert result.remaining == 0
+        assert result.finished == 1
+        assert {(c.partition, c.offset) for c in result.committed} == {(0, 11), (1, 10)}
+        assert progress
+        assert progress[-1].remaining == 0
+        assert all(p.paused_reasons == ("drain",) for p in svc.status().partitions)
+        await produce(broker.bootstrap, topic, [(1, b"late", envelope("late", 0))])
+        with pytest.raises(AssertionError):
+            await assert_eventually(lambda: len(recorder.events) > 21, timeout=0.5)
+        await svc.resume()
+        await assert_eventually(lambda: len(recorder.events) == 22)
+
+
+async def test_drain_timeout_reports_what_remains_and_resumes_when_asked(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=1)
+    recorder = GatedRecorder()
+    recorder.gates["stuck"] = asyncio.Event()
+    settings = service_settings(broker.bootstrap, topic, f"{topic}-g")
+    async with Service(settings, bootstrap_servers=broker.bootstrap, handler=recorder) as svc:
+        await svc.consumer.wait_assigned(10)
+        await produce(
+            broker.bootstrap,
+            topic,
+            [(0, b"a", envelope("a", 0)), (0, b"stuck", envelope("stuck", 0)),
+             (0, b"b", envelope("b", 0))],
+        )  # fmt: skip
+        await assert_eventually(lambda: len(recorder.events) == 2)
+        with pytest.raises(DrainIncompleteError) as info:
+            await svc.drain(timeout=0.3, resume_after=True)
+        result = info.value.result
+        assert result.remaining == 1
+        assert result.resumed
+        assert [(c.partition, c.offset) for c in result.committed] == [(0, 1)]
+        assert not svc.status().partitions[0].paused
+        recorder.gates["stuck"].set()
+        await assert_eventually(lambda: svc.status().partitions[0].committed == 3)
