@@ -1,0 +1,275 @@
+"""A real Prometheus scraping the real service (``pool-server --demo``) under traffic.
+
+The service consumes demo traffic from the session's embedded broker in ACTOR
+mode at 50 % rollout (both pools busy), with a 3 % handler failure rate and
+one attempt per event (so failures become dead letters), plus one oversized
+event (an intake dead letter) and one ``poolctl status`` call (a gRPC call
+series). Prometheus scrapes it every second with rules.yml loaded; the
+original's PromQL, the recording rules, the alerts and every dashboard
+expression are evaluated against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from server._broker import EmbeddedBroker
+from server.healthcheck import check
+from tests.deploy import prom
+from tests.deploy.prom import PrometheusServer, wait_for
+from tests.helpers import find_free_port
+from tests.server.kafka_utils import produce
+
+REPO = prom.REPO
+BIN = Path(sys.executable).parent
+ACTORS = WORKERS = 16
+
+#: Dashboard series the service does not export yet (issue 5 asks for them:
+#: mode, rollout, switches and switch duration). When they appear this set
+#: must shrink: the test fails on any difference.
+NOT_YET_EXPORTED = {
+    "Active mode/A",
+    "Actor pool rollout/A",
+    "Mode switches/A",
+    "Mode switches/B",
+    "annotation Mode / rollout changes",
+}
+#: Counters whose labelled series appear on the first occurrence only
+#: (redeliveries happen after a rebalance or a seek, not in a steady run).
+#: For these the metric family must at least be registered.
+LAZY = {"In flight, redeliveries, commits/B": "kafka_eventbus_consumer_redeliveries_total"}
+
+
+@dataclass(frozen=True)
+class Service:
+    grpc: str
+    metrics: str
+    topic: str
+
+
+@pytest.fixture(scope="module")
+def service(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    topic = f"ops-{os.getpid()}"
+    asyncio.run(broker.create_topics({topic: 4, f"{topic}.dlq": 1}))
+    grpc_address = f"127.0.0.1:{find_free_port()}"
+    metrics_address = f"127.0.0.1:{find_free_port()}"
+    log = tmp_path_factory.mktemp("service") / "pool-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "pool-server"),
+                "--brokers", broker.bootstrap,
+                "--topic", topic,
+                "--group-id", f"ops-{os.getpid()}",
+                "--demo",
+                "--mode", "actor",
+                "--grpc-address", grpc_address,
+                "--metrics-address", metrics_address,
+                "--log-level", "warning",
+                "--set", "kafka.actorPool.rolloutPercent=50",
+                "--set", "demo.rate=300",
+                "--set", "demo.failureRate=0.03",
+                "--set", "pool.retry.maxAttempts=1",
+                "--set", f"pool.keyed.workers={WORKERS}",
+                "--set", f"pool.actor.actors={ACTORS}",
+                "--set", "intake.maxValueBytes=4096",
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(
+            lambda: proc.poll() is None and check(grpc_address, timeout=1).healthy,
+            30,
+            f"pool-server SERVING (log: {log})",
+        )
+        # An oversized event: an intake dead letter (reason oversized-value).
+        asyncio.run(produce(broker.bootstrap, topic, [(0, b"ops-big", b"x" * 5000)]))
+        # A control-plane call: a gRPC calls series.
+        subprocess.run(
+            [str(BIN / "poolctl"), "--target", grpc_address, "status"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        yield Service(grpc_address, metrics_address, topic)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    tmp_path_factory: pytest.TempPathFactory, service: Service
+) -> Iterator[PrometheusServer]:
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [service.metrics])
+    server.start()
+    try:
+        wait_for(server.scraped_ok, 15, "first successful scrape")
+        wait_for(
+            lambda: server.vector("rate(kafka_eventbus_actor_pool_messages_sent_total[1m])"),
+            15,
+            "two scrapes",
+        )
+        yield server
+    finally:
+        server.stop()
+
+
+def _by(samples: list[tuple[dict[str, str], float]], label: str) -> dict[str, float]:
+    return {labels[label]: v for labels, v in samples}
+
+
+def test_original_queries_are_present_and_plausible(prometheus: PrometheusServer) -> None:
+    ids = {str(i) for i in range(ACTORS)}
+    sent = _by(
+        prometheus.vector("rate(kafka_eventbus_actor_pool_messages_sent_total[1m])"), "actor_id"
+    )
+    assert set(sent) == ids
+    assert 0 < sum(sent.values()) < 300, sent
+
+    def busy() -> bool:
+        # irate: the last two scrapes, i.e. the real current rate (rate() divides by
+        # the whole minute while this Prometheus holds only seconds of data).
+        actor = sum(
+            v
+            for _, v in prometheus.vector(
+                "irate(kafka_eventbus_actor_pool_messages_sent_total[1m])"
+            )
+        )
+        keyed = sum(
+            v
+            for _, v in prometheus.vector(
+                "irate(kafka_eventbus_keyed_pool_messages_sent_total[1m])"
+            )
+        )
+        assert actor > 20, actor
+        assert keyed > 20, keyed
+        assert 100 < actor + keyed < 600, (actor, keyed)
+        return True
+
+    wait_for(busy, 15, "300 events/s split over both pools")
+
+    p99 = _by(
+        prometheus.vector(
+            "histogram_quantile(0.99, "
+            "rate(kafka_eventbus_actor_pool_message_latency_seconds_bucket[1m]))"
+        ),
+        "actor_id",
+    )
+    assert set(p99) == ids
+    values = [v for v in p99.values() if v == v]  # NaN: an actor that ran nothing
+    assert values
+    # The demo handler sleeps 1 ms per event.
+    assert all(0.0005 <= v <= 1.0 for v in values), p99
+
+    restarts = _by(
+        prometheus.vector("rate(kafka_eventbus_actor_pool_actor_restarted_total[5m])"), "actor_id"
+    )
+    assert set(restarts) == ids
+    assert all(v >= 0 for v in restarts.values())
+    wait_for(
+        lambda: (
+            sum(
+                v
+                for _, v in prometheus.vector(
+                    "rate(kafka_eventbus_actor_pool_actor_restarted_total[5m])"
+                )
+            )
+            > 0
+        ),
+        15,
+        "actor restarts after handler failures",
+    )
+
+    util = _by(prometheus.vector("kafka_eventbus_actor_pool_inbox_utilization"), "actor_id")
+    assert set(util) == ids
+    assert all(0.0 <= v <= 1.0 for v in util.values()), util
+
+
+def test_recording_rules_and_alerts_on_the_service(prometheus: PrometheusServer) -> None:
+    def evaluated() -> bool:
+        errors = _by(prometheus.vector("job_pool:kafka_eventbus_error_ratio:rate5m"), "pool")
+        assert set(errors) == {"actor", "keyed"}, errors
+        # 3 % of attempts fail in both pools.
+        assert all(0.005 < v < 0.15 for v in errors.values()), errors
+        restart_ratio = prometheus.vector("job:kafka_eventbus_actor_pool_restart_ratio:rate5m")
+        assert 0.005 < restart_ratio[0][1] < 0.15, restart_ratio
+        baseline = prometheus.vector("job:kafka_eventbus_actor_pool_latency_p99_baseline:5m")
+        assert [labels["baseline"] for labels, _ in baseline] == ["keyed_same_window"]
+        # Above 1 % for less than `for: 5m`: pending in both pools.
+        pending = prometheus.vector('ALERTS{alertname="EventbusErrorRateHigh"}')
+        assert {(lb["pool"], lb["alertstate"]) for lb, _ in pending} == {
+            ("actor", "pending"),
+            ("keyed", "pending"),
+        }
+        dead = prometheus.vector('ALERTS{alertname="EventbusDeadLettersRising"}')
+        assert {lb["pool"] for lb, _ in dead} == {"actor", "keyed"}, dead
+        reasons = {(lb["pool"], lb["reason"]) for lb, _ in dead}
+        assert ("keyed", "retries-exhausted") in reasons, reasons
+        # Actors that crash more than 3 times a minute exhaust their restart budget.
+        assert {r for _, r in reasons} <= {"retries-exhausted", "restart-budget-exhausted"}
+        return True
+
+    wait_for(evaluated, 20, "recording rules and alerts")
+
+
+def test_every_dashboard_expression_parses_and_returns_series(
+    prometheus: PrometheusServer, service: Service
+) -> None:
+    exprs = dict(prom.dashboard_expressions())
+    assert set(NOT_YET_EXPORTED) | set(LAZY) <= set(exprs)
+    errors = {}
+    empty = set()
+    for name, expr in exprs.items():
+        body = prometheus.query(expr)
+        if body["status"] != "success":
+            errors[name] = body.get("error")
+        elif not body["data"]["result"]:
+            empty.add(name)
+    assert errors == {}
+
+    def all_present() -> bool:
+        # Series of rarer events (dead letters, the gRPC call) may need a scrape more.
+        nonlocal empty
+        empty = {n for n in empty if not prometheus.vector(exprs[n])}
+        return empty == NOT_YET_EXPORTED | set(LAZY)
+
+    wait_for(all_present, 15, f"dashboard series (still empty: {sorted(empty)})")
+
+    with urllib.request.urlopen(f"http://{service.metrics}/metrics", timeout=5) as resp:
+        exposition = resp.read().decode()
+    for metric in LAZY.values():
+        family = metric.removesuffix("_total")
+        assert re.search(rf"^# TYPE {family}(_total)? counter$", exposition, re.M), metric
+
+
+def test_metrics_use_bounded_labels_never_an_aggregate_id(service: Service) -> None:
+    with urllib.request.urlopen(f"http://{service.metrics}/metrics", timeout=5) as resp:
+        exposition = resp.read().decode()
+    series = [line for line in exposition.splitlines() if line and not line.startswith("#")]
+    assert len(series) < 5000, len(series)
+    assert not re.search(r"demo-\d+", exposition)
+    labels = set(re.findall(r'[{,](\w+)="', exposition))
+    assert "aggregate_id" not in labels
+    assert labels <= {
+        "actor_id", "worker_id", "success", "reason", "le", "topic", "partition", "event",
+        "method", "code", "mode", "quantile", "version", "implementation", "major", "minor",
+        "patchlevel", "generation",
+    }, labels  # fmt: skip
