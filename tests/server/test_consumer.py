@@ -318,3 +318,47 @@ async def test_operator_pause_and_backpressure_are_kept_apart(
         assert st[0].paused_reasons == ("operator",)
         assert consumer.release(["operator"], [tp0]) == [tp0]
         await assert_eventually(lambda: rec.count == 10)
+
+
+async def test_redeliveries_after_a_rebalance_are_counted_and_nothing_is_lost(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=1)
+    group = f"{topic}-g"
+    await produce(
+        broker.bootstrap, topic,
+        [(0, None, json.dumps({"aggregate_id": f"a-{i}", "payload": {"seq": 0}}).encode())
+         for i in range(10)],
+    )  # fmt: skip
+    rec = Recorder()
+    rec.gates["a-2"] = asyncio.Event()
+    async with running(broker, topic, rec, group=group, revoke_timeout_s=0.3) as (a, _):
+        await assert_eventually(lambda: rec.count == 9, timeout=10)
+        await assert_eventually(lambda: a.partition_status()[0].committed == 2)
+        # B joins with intake held (it never fetches), then leaves: the partition
+        # comes back to A from the committed offset 2, below what A dispatched.
+        b_switch = PoolSwitch(KeyedWorkerPool(rec, size=4), ActorPool(rec, size=4))
+        b = EventConsumer(
+            ConsumerOptions(
+                bootstrap_servers=broker.bootstrap, group_id=group, topics=(topic,),
+                session_timeout_ms=2000, heartbeat_interval_ms=500,
+            ),
+            decoder=JsonDecoder(), dispatcher=b_switch, dead_letters=MemorySink(),
+        )  # fmt: skip
+        b.hold("operator", None)
+        async with b_switch:
+            await b.start()
+            sample = a.metrics.registry.get_sample_value
+            await assert_eventually(
+                lambda: (sample("kafka_eventbus_consumer_rebalance_partitions_total",
+                                {"event": "revoked"}) or 0) >= 1,
+                timeout=15,
+            )  # fmt: skip
+            await b.shutdown(timeout=1)
+        labels = {"topic": topic, "partition": "0"}
+        await assert_eventually(
+            lambda: sample("kafka_eventbus_consumer_redeliveries_total", labels) == 8, timeout=15
+        )
+        rec.gates["a-2"].set()
+        await assert_eventually(lambda: a.partition_status()[0].committed == 10, timeout=10)
+    assert sorted(rec.seen) == [f"a-{i}" for i in range(10)]

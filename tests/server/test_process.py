@@ -198,3 +198,29 @@ async def test_second_instance_joins_and_leaves_mid_stream(
     assert _handled(records) == everything
     _check_order_across_owners(records, per_aggregate)
     assert await committed_offsets(broker.bootstrap, group, topic, partitions) == ends
+
+
+async def test_sigterm_finishes_in_flight_events_commits_and_exits_0(
+    broker: EmbeddedBroker, make_topic: MakeTopic, spawn: object, tmp_path: Path
+) -> None:
+    partitions, aggregates, per_aggregate = 2, 100, 4
+    topic = await make_topic(partitions=partitions)
+    group = f"{topic}-g"
+    ends = await produce(
+        broker.bootstrap, topic, aggregate_events(aggregates, per_aggregate, partitions)
+    )
+    record = tmp_path / "handled.log"
+    server = spawn(broker.bootstrap, topic, group, record, latency_ms=300)  # type: ignore[operator]
+    await assert_eventually(server.started, timeout=20)
+    await assert_eventually(lambda: len(read_records(record)) >= 50, timeout=30)
+    server.proc.send_signal(signal.SIGTERM)
+    at_signal = len(read_records(record))
+    assert server.proc.wait(30) == 0, server.stderr_tail()
+    records = read_records(record)
+    assert at_signal < aggregates * per_aggregate
+    # Everything fetched before the signal was finished, then committed.
+    assert len(records) == aggregates * per_aggregate
+    assert await committed_offsets(broker.bootstrap, group, topic, partitions) == ends
+    log = server.err.read_text()
+    assert log.index('"service.stopping"') < log.index('"consumer.closed"')
+    assert log.index('"consumer.closed"') < log.index('"control.stopped"')
