@@ -12,10 +12,18 @@ tests/server/test_healthcheck.py.
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 from server._config import load_settings
+from tests.deploy.prom import wait_for
+from tests.helpers import find_free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -131,3 +139,63 @@ def test_build_context_holds_every_copied_path() -> None:
                 assert not ignored(src.rstrip("/"), patterns), f"{src} excluded by .dockerignore"
     for local_state in (".venv", ".git", "tests", "server/__pycache__"):
         assert ignored(local_state, patterns), local_state
+
+
+def test_container_command_with_baked_config_becomes_healthy_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """The image's ENTRYPOINT, config and HEALTHCHECK, run as processes without Docker.
+
+    Same environment as the image (POOL_CONFIG, POOL_HEALTH_ADDRESS) plus port
+    overrides by environment, since the baked ports may be taken on this host.
+    """
+    runtime = stages()[-1]
+    env_line = " ".join(a for k, a in runtime if k == "ENV")
+    image_env = dict(re.findall(r"(\w+)=(\S+)", env_line))
+    (copy,) = [a for k, a in runtime if k == "COPY" and image_env["POOL_CONFIG"] in a]
+    grpc_port, metrics_port = find_free_port("0.0.0.0"), find_free_port("0.0.0.0")
+    env = {
+        **os.environ,
+        "POOL_CONFIG": str(REPO / copy.split()[-2]),
+        "POOL_HEALTH_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "EVENTBUS__GRPC__ADDRESS": f"0.0.0.0:{grpc_port}",
+        "EVENTBUS__METRICS__ADDRESS": f"0.0.0.0:{metrics_port}",
+    }
+    (health,) = [a for k, a in runtime if k == "HEALTHCHECK"]
+    probe_cmd = json.loads(health.split("CMD", 1)[1])
+    assert probe_cmd[0] == "python"
+    probe_cmd[0] = sys.executable
+
+    def probe() -> int:
+        return subprocess.run(
+            probe_cmd, env=env, capture_output=True, timeout=30, check=False
+        ).returncode
+
+    log = tmp_path / "pool-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "pool-server"), "--demo"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: proc.poll() is None and probe() == 0, 30, "HEALTHCHECK passes")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert b"kafka_eventbus_actor_pool_messages_sent_total" in resp.read()
+        # JSON logs (the baked config says so), one object per line on stderr.
+        events = [
+            json.loads(line)["event"]
+            for line in log.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        assert "service.started" in events
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert probe() == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
