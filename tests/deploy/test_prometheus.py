@@ -336,3 +336,20 @@ def test_dashboard_covers_the_issue_panels() -> None:
         "kafka_eventbus_pool_switches_total",
     ):
         assert needle in exprs, needle
+
+
+def test_every_runbook_link_in_the_rules_points_to_a_heading_of_the_runbook() -> None:
+    doc = (REPO / "docs" / "operations.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.+)$", doc, re.M)
+    }
+    rules = yaml.safe_load(prom.RULES.read_text())
+    links = {
+        r["annotations"]["runbook"] for g in rules["groups"] for r in g["rules"] if "alert" in r
+    }
+    assert links
+    for link in links:
+        path, _, anchor = link.partition("#")
+        assert path == "docs/operations.md", link
+        assert anchor in anchors, link

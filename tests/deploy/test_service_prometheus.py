@@ -273,3 +273,24 @@ def test_metrics_use_bounded_labels_never_an_aggregate_id(service: Service) -> N
         "method", "code", "mode", "quantile", "version", "implementation", "major", "minor",
         "patchlevel", "generation",
     }, labels  # fmt: skip
+
+
+def test_operations_doc_documents_every_exported_metric(service: Service) -> None:
+    doc = (REPO / "docs" / "operations.md").read_text()
+    with urllib.request.urlopen(f"http://{service.metrics}/metrics", timeout=5) as resp:
+        exposition = resp.read().decode()
+    families = set(re.findall(r"^# TYPE (\S+) (\w+)$", exposition, re.M))
+    ours = {
+        (name, kind)
+        for name, kind in families
+        if name.startswith(("kafka_eventbus_", "pool_control_")) and not name.endswith("_created")
+    }
+    assert len(ours) >= 25, ours
+    for name, kind in ours:
+        documented = name.replace("kafka_eventbus_keyed_pool_", "kafka_eventbus_actor_pool_")
+        if kind == "counter" and not documented.endswith("_total"):
+            documented += "_total"
+        row = re.search(rf"^\| `{re.escape(documented)}` \| (\w+) \|", doc, re.M)
+        assert row, f"{name} is not in the metrics reference"
+        assert row.group(1) == kind, (name, row.group(1), kind)
+    assert "| `kafka_eventbus_keyed_pool_*` | same | `worker_id`" in doc
