@@ -1,10 +1,11 @@
 """The Kafka consumer: fetch, dispatch without waiting, track, commit.
 
 One fetch loop takes batches from aiokafka (``getmany``) and hands every
-record to the pool at once (``submit_nowait``): it never waits for an event to
-finish, so a partition's events run in parallel across executors while each
-aggregate keeps its order inside its executor. Completions come back as future
-callbacks that mark offsets finished in a per-partition
+record to the pool at once (``dispatch_nowait``): it never waits for an event
+to finish, so a partition's events run in parallel across executors while each
+aggregate keeps its order inside its executor. Outcomes come back through the
+pool's finish listener (no future per event) and mark offsets finished in a
+per-partition
 :class:`~server._offsets.OffsetTracker`; a commit task commits each
 partition's highest contiguous finished offset + 1 on an interval, on revoke
 and on shutdown. A dead letter counts as finished only once the dead-letter
@@ -13,10 +14,10 @@ sink has had it acknowledged by the broker.
 Pauses. A partition is fetched only when nothing holds it. Holds are kept by
 reason, so an operator pause and a backpressure pause never undo each other:
 
-- ``backpressure``: ``submit_nowait`` found the target queue full. The record
+- ``backpressure``: ``dispatch_nowait`` found the target queue full. The record
   and the rest of its partition's batch go to the partition's backlog (order
   kept), the partition is paused at the consumer, and one task per backlogged
-  partition ``await``s ``submit`` for the backlog; the partition resumes when
+  partition ``await``s ``dispatch`` for the backlog; the partition resumes when
   its backlog is empty.
 - ``operator`` / ``drain``: from the control plane.
 
@@ -40,14 +41,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pool import Completion, DeadLetter, Message, PoolClosedError, QueueFullError
+from pool import DeadLetter, Message, PoolClosedError, QueueFullError
 from server._consumer_metrics import PAUSE_REASONS, ConsumerMetrics
 from server._control import CommittedOffset, DrainProgress, PartitionStatus
 from server._offsets import CommitPolicy, OffsetTracker
@@ -83,9 +83,15 @@ class DeadLetterPublisher(Protocol):
 class Dispatcher(Protocol):
     """What the consumer needs from the pool (``pool.PoolSwitch`` fits)."""
 
-    def submit_nowait(self, message: Message) -> Completion: ...
+    def dispatch_nowait(self, message: Message) -> None:
+        """Enqueue; ``QueueFullError`` when the target queue is full."""
 
-    async def submit(self, message: Message) -> Completion: ...
+    async def dispatch(self, message: Message) -> None:
+        """Enqueue, waiting only while the target queue is full."""
+
+    def add_finish_listener(
+        self, listener: Callable[[Message, DeadLetter | None], None]
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +228,11 @@ class EventConsumer:
         self._commit_lock = asyncio.Lock()
         self._last_commit_at = clock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: The partition state of each event in the pool, by ``id(message)``: the
+        #: pool hands the same object back, and a late finish of a revoked
+        #: assignment lands on that assignment's tracker, never on a newer one.
+        self._owners: dict[int, _Partition] = {}
+        dispatcher.add_finish_listener(self._on_finished)
         self._fetch_task: asyncio.Task[None] | None = None
         self._started = False
         self._fetching = False
@@ -392,6 +403,8 @@ class EventConsumer:
         tracker = part.tracker
         tp = part.tp
         decode = self._decoder.decode
+        dispatch = self._dispatcher.dispatch_nowait
+        owners = self._owners
         max_seen = self._max_dispatched.get(tp, -1)
         redelivered = 0
         part.consumed_counter.inc(len(records))
@@ -425,9 +438,11 @@ class EventConsumer:
             if part.backlog or part.backlog_task is not None:
                 part.backlog.append((offset, item))
                 continue
+            owners[id(item)] = part
             try:
-                completion = self._dispatcher.submit_nowait(item)
+                dispatch(item)
             except QueueFullError:
+                del owners[id(item)]
                 part.backlog.append((offset, item))
                 part.holds.add(BACKPRESSURE)
                 self._apply_pause(part)
@@ -437,11 +452,11 @@ class EventConsumer:
                 continue
             except PoolClosedError:
                 # Shutting down: this offset stays unfinished (never committed).
+                del owners[id(item)]
                 log.warning("consumer.pool_closed", topic=tp.topic, partition=tp.partition)
                 part.abandoned += 1
                 self._in_flight -= 1
                 break
-            completion.add_done_callback(partial(self._completed, part, offset))
         self._max_dispatched[tp] = max_seen
         if redelivered:
             self.metrics.redeliveries.labels(tp.topic, str(tp.partition)).inc(redelivered)
@@ -452,10 +467,15 @@ class EventConsumer:
         backlog = part.backlog
         try:
             while backlog and not part.revoked:
-                offset, message = backlog[0]
-                completion = await self._dispatcher.submit(message)
+                _, message = backlog[0]
+                # Registered first: the event may finish before dispatch returns.
+                self._owners[id(message)] = part
+                try:
+                    await self._dispatcher.dispatch(message)
+                except BaseException:
+                    self._owners.pop(id(message), None)
+                    raise
                 backlog.popleft()
-                completion.add_done_callback(partial(self._completed, part, offset))
         except PoolClosedError:
             part.abandoned += len(backlog)
             self._in_flight -= len(backlog)
@@ -469,18 +489,15 @@ class EventConsumer:
 
     # ---------------------------------------------------------- completion
 
-    def _completed(self, part: _Partition, offset: int, completion: Completion) -> None:
-        if completion.cancelled():
-            # The pool was terminated with the event unfinished: never commit past it.
-            part.abandoned += 1
-            self._in_flight -= 1
-            self._progress.set()
-            return
-        outcome = completion.result()
+    def _on_finished(self, message: Message, outcome: DeadLetter | None) -> None:
+        """The pool's finish listener: runs synchronously as each event finishes."""
+        part = self._owners.pop(id(message), None)
+        if part is None:
+            return  # not dispatched by this consumer
         if outcome is None:
-            self._finish(part, offset)
+            self._finish(part, message.offset)
         else:
-            self._spawn(self._dead_letter(part, offset, outcome), "consumer.dlq")
+            self._spawn(self._dead_letter(part, message.offset, outcome), "consumer.dlq")
 
     async def _dead_letter(self, part: _Partition, offset: int, dead: DeadLetter) -> None:
         """Publish until acknowledged, then mark the offset finished."""
