@@ -117,7 +117,9 @@ async def test_exit_codes_scripts_can_rely_on() -> None:
 
 async def test_several_targets_are_each_applied_and_reported() -> None:
     async with control_server() as a, control_server() as b:
-        both = await poolctl("mode", "actor", "--json", "--target", a.address, "--target", b.address)
+        both = await poolctl(
+            "mode", "actor", "--json", "--target", a.address, "--target", b.address
+        )
         assert both.code == 0, both.err
         doc = both.json()
         assert isinstance(doc, dict)
