@@ -317,6 +317,8 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("connection and output")
     g.add_argument(
         "--target",
+        "--address",
+        dest="target",
         action="append",
         default=d,
         metavar="HOST:PORT",

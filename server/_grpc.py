@@ -542,6 +542,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         self._switch_lock = asyncio.Lock()
         self._stream_buffer = stream_buffer
         self._closing = asyncio.Event()
+        self._drains: dict[tuple[str, str], asyncio.Future[pb.DrainResult]] = {}
 
     def shutdown(self) -> None:
         """End following streams (dead letters) so the server can stop promptly."""
@@ -675,11 +676,17 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             )
         partitions = _partitions_from_pb(request.partitions)
         key = ("Drain", request.request_id)
+        outcome: asyncio.Future[pb.DrainResult] | None = None
         if request.request_id:
             seen = self._replay.lookup(key)
+            if seen is None and key in self._drains:
+                # The same drain is running (a client retry): wait for its answer.
+                seen = await asyncio.shield(self._drains[key])
             if seen is not None:
                 yield pb.DrainResponse(result=_replayed(seen))  # type: ignore[arg-type]
                 return
+            outcome = self._drains[key] = asyncio.get_running_loop().create_future()
+            outcome.add_done_callback(_retrieve)
 
         latest: collections.deque[DrainProgress] = collections.deque(maxlen=1)
         wake = asyncio.Event()
@@ -716,10 +723,22 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
                 context.set_trailing_metadata((("drain-remaining", str(exc.result.remaining)),))
                 raise
             answer = drain_result_to_pb(result, complete=True)
-            if request.request_id:
+            if outcome is not None:
                 self._replay.remember(key, answer)
+                outcome.set_result(answer)
             yield pb.DrainResponse(result=answer)
+        except BaseException as exc:
+            if outcome is not None and not outcome.done():
+                if isinstance(exc, Exception):
+                    outcome.set_exception(exc)
+                else:
+                    outcome.cancel()
+            raise
         finally:
+            if outcome is not None:
+                if not outcome.done():
+                    outcome.cancel()
+                self._drains.pop(key, None)
             if not drain.done():
                 drain.cancel()
                 await asyncio.gather(drain, return_exceptions=True)

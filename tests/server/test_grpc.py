@@ -538,3 +538,24 @@ async def test_stop_is_idempotent_and_ends_following_streams() -> None:
         await h.handle.stop(5)
         assert not h.handle.serving
         assert await asyncio.wait_for(stream.code(), 5) is grpc.StatusCode.OK
+
+
+async def test_a_second_drain_is_refused_but_a_retry_of_the_same_drain_waits_for_it() -> None:
+    gate = Gate(closed=True)
+    async with control_server(gate) as h:
+        await h.target.feed("agg-1")
+        first = h.stub.Drain(pb.DrainRequest(timeout=seconds(10), request_id="same"))
+        assert (await first.read()).WhichOneof("event") == "progress"
+        other = h.stub.Drain(pb.DrainRequest(timeout=seconds(10), request_id="other"))
+        assert await code_of(other.read()) is grpc.StatusCode.FAILED_PRECONDITION
+        retry = h.stub.Drain(pb.DrainRequest(timeout=seconds(10), request_id="same"))
+        retried = asyncio.ensure_future(read_rest(retry))
+        # Open the gate only once the retry is parked on the running drain.
+        waiters = h.handle._servicer._drains[("Drain", "same")]  # white-box: no public signal
+        await assert_eventually(lambda: len(waiters._callbacks) > 1, message="retry waiting")
+        gate.open()
+        original = (await read_rest(first))[-1].result
+        again = await retried
+        assert [m.WhichOneof("event") for m in again] == ["result"]
+        assert again[0].result.replayed
+        assert again[0].result.finished == original.finished == 1
