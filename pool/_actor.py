@@ -93,7 +93,9 @@ class ActorPool(BasePool):
             else:
                 actor.handler = handler
                 ex.run = self._new_runner(handler)
-        log.info(
+        # DEBUG per restart (a poison storm must not flood the log at INFO);
+        # an escalation is a WARNING.
+        (log.debug if allowed else log.warning)(
             "pool.actor_restarted",
             executor=index,
             error_type=type(error).__qualname__,

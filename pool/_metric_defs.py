@@ -25,7 +25,7 @@ MetricSuffix = Literal[
     "inbox_depth",
     # Gauge: inbox_depth / capacity.
     "inbox_utilization",
-    # Counter: supervisor restarts of an actor (always 0 for the keyed pool).
+    # Counter: supervisor restarts of an actor (the keyed pool has none: not exported).
     "actor_restarted_total",
     # Counter, label ``reason``: events that became dead letters.
     "dead_letters_total",

@@ -72,35 +72,40 @@ class PrometheusPoolMetrics:
         self.size = size
         registry = REGISTRY if registry is None else registry
         label = label_name(kind)
-        noun = "actor" if kind == "actor" else "worker"
+        noun = "an actor" if kind == "actor" else "a worker"
         sent = Counter(
             metric_name(kind, "messages_sent_total"),
-            f"Events accepted into a {noun}'s queue.",
+            f"Events accepted into {noun}'s queue.",
             [label],
             registry=registry,
         )
         processed = Counter(
             metric_name(kind, "messages_processed_total"),
-            f"Handler attempts finished by a {noun}, by success.",
+            f"Handler attempts finished by {noun}, by success.",
             [label, "success"],
             registry=registry,
         )
         latency = Histogram(
             metric_name(kind, "message_latency_seconds"),
-            f"Duration of one handler attempt in a {noun}, in seconds.",
+            f"Duration of one handler attempt in {noun}, in seconds (not time queued).",
             [label],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self._restarted = Counter(
-            metric_name(kind, "actor_restarted_total"),
-            "Supervisor restarts of an actor after its handler crashed.",
-            [label],
-            registry=registry,
+        # Only actors are restarted: the keyed pool exports no restart series.
+        self._restarted = (
+            Counter(
+                metric_name(kind, "actor_restarted_total"),
+                "Supervisor restarts of an actor after its handler crashed.",
+                [label],
+                registry=registry,
+            )
+            if kind == "actor"
+            else None
         )
         self._dead = Counter(
             metric_name(kind, "dead_letters_total"),
-            f"Events of a {noun} that became dead letters, by reason.",
+            f"Events of {noun} that became dead letters, by reason.",
             [label, "reason"],
             registry=registry,
         )
@@ -112,7 +117,8 @@ class PrometheusPoolMetrics:
         self._latency = [latency.labels(i) for i in ids]
         # Pre-create restart series so rate() has a zero baseline.
         for i in ids:
-            self._restarted.labels(i)
+            if self._restarted is not None:
+                self._restarted.labels(i)
         self._depth = [0] * size
         self._capacity = [1] * size
         registry.register(_DepthCollector(self))
@@ -129,7 +135,8 @@ class PrometheusPoolMetrics:
         self._capacity[executor] = capacity
 
     def actor_restarted(self, executor: int) -> None:
-        self._restarted.labels(self._ids[executor]).inc()
+        if self._restarted is not None:
+            self._restarted.labels(self._ids[executor]).inc()
 
     def dead_letter(self, executor: int, reason: str) -> None:
         self._dead.labels(self._ids[executor], reason).inc()
@@ -145,15 +152,15 @@ class _DepthCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         owner = self._owner
         label = label_name(owner.kind)
-        noun = "actor" if owner.kind == "actor" else "worker"
+        where = "an actor's inbox" if owner.kind == "actor" else "a worker's queue"
         depth = GaugeMetricFamily(
             metric_name(owner.kind, "inbox_depth"),
-            f"Events queued or running in a {noun}'s inbox.",
+            f"Events queued or running in {where}, read at scrape time.",
             labels=[label],
         )
         util = GaugeMetricFamily(
             metric_name(owner.kind, "inbox_utilization"),
-            f"Inbox depth divided by inbox capacity of a {noun} (0..1).",
+            f"Depth divided by capacity of {where} (0..1).",
             labels=[label],
         )
         for ident, d, cap in owner.depth_samples():
