@@ -559,3 +559,16 @@ async def test_a_second_drain_is_refused_but_a_retry_of_the_same_drain_waits_for
         assert [m.WhichOneof("event") for m in again] == ["result"]
         assert again[0].result.replayed
         assert again[0].result.finished == original.finished == 1
+
+
+async def test_with_only_one_token_configured() -> None:
+    async with control_server(admin_token=ADMIN) as h:
+        assert await code_of(h.stub.GetStatus(pb.GetStatusRequest())) is (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        await h.stub.GetStatus(pb.GetStatusRequest(), metadata=bearer(ADMIN))
+    async with control_server(read_token=READER) as h:
+        await h.stub.GetStatus(pb.GetStatusRequest(), metadata=bearer(READER))
+        read_only = h.stub.Pause(pb.PauseRequest(), metadata=bearer(READER))
+        assert await code_of(read_only) is grpc.StatusCode.PERMISSION_DENIED
+        assert await code_of(h.stub.Pause(pb.PauseRequest())) is grpc.StatusCode.UNAUTHENTICATED
