@@ -111,6 +111,11 @@ class ConsumerOptions:
     #: On revoke, wait at most this long for the revoked partitions' events.
     revoke_timeout_s: float = 10.0
     fetch_timeout_ms: int = 100
+    #: How long the broker may hold a fetch for data. Kafka answers as soon as
+    #: data arrives, so this only matters when idle; the embedded broker (Tansu)
+    #: holds every fetch this long, so it bounds produce-to-handle latency there
+    #: (aiokafka's default 500 ms gave P99 ~260 ms; 20 ms gives ~18 ms).
+    fetch_max_wait_ms: int = 20
     max_records: int = 2_000
     auto_offset_reset: str = "earliest"
     session_timeout_ms: int = 10_000
@@ -256,6 +261,7 @@ class EventConsumer:
             session_timeout_ms=o.session_timeout_ms,
             heartbeat_interval_ms=o.heartbeat_interval_ms,
             max_poll_interval_ms=o.max_poll_interval_ms,
+            fetch_max_wait_ms=o.fetch_max_wait_ms,
             **o.kafka,
         )
         await self._consumer.start()
