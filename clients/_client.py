@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import grpc
 from actorpool.control.v1 import control_pb2 as pb
@@ -32,7 +32,6 @@ SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["PoolControl"].full_name
 DRAIN_GRACE: Final = 10.0
 
 Partition = tuple[str, int]
-_R = TypeVar("_R")
 
 # ------------------------------------------------------------------ errors
 
