@@ -278,11 +278,13 @@ class TlsSettings(_Section):
 
 class GrpcSettings(_Section):
     address: str = "127.0.0.1:50051"
-    #: Bearer token for mutating calls (and reads). Empty: no token required.
+    #: Bearer token for every call. With neither token set nothing is checked,
+    #: which is allowed on a loopback address only.
     admin_token: str = ""
-    #: Bearer token for read-only calls. Empty: reads need no token (or the admin one).
+    #: Bearer token for read-only calls (a read token on a mutating call is
+    #: PERMISSION_DENIED). With only this one set, mutating calls are refused.
     read_token: str = ""
-    #: Allow a non-loopback address without TLS.
+    #: Allow a non-loopback address without TLS and authentication.
     allow_insecure_remote: bool = False
     tls: TlsSettings = TlsSettings()
 
@@ -293,14 +295,17 @@ class GrpcSettings(_Section):
 
     @_model_validator(mode="after")
     def _check_remote(self) -> GrpcSettings:
-        if (
-            not address_is_loopback(self.address)
-            and not self.tls.enabled
-            and not self.allow_insecure_remote
-        ):
+        if address_is_loopback(self.address) or self.allow_insecure_remote:
+            return self
+        if not self.tls.enabled:
             raise ValueError(
                 f"address {self.address} is not loopback: configure tls.certFile/keyFile "
                 "or set allowInsecureRemote: true"
+            )
+        if not (self.admin_token or self.read_token or self.tls.client_ca_file):
+            raise ValueError(
+                f"address {self.address} is not loopback: set adminToken (and readToken) "
+                "or tls.clientCaFile, or set allowInsecureRemote: true"
             )
         return self
 

@@ -258,6 +258,19 @@ def test_error_bad_address_and_insecure_remote() -> None:
     assert s.grpc.allow_insecure_remote
 
 
+def test_remote_address_needs_tls_and_authentication() -> None:
+    remote_tls = [
+        "--grpc-address", "0.0.0.0:50051",
+        "--set", "grpc.tls.certFile=/tmp/c.pem",
+        "--set", "grpc.tls.keyFile=/tmp/k.pem",
+    ]  # fmt: skip
+    assert error_of(remote_tls).startswith(
+        "eventbus.grpc: address 0.0.0.0:50051 is not loopback: set adminToken"
+    )
+    s = load_settings([*remote_tls, "--set", "grpc.adminToken=s3cret"], {})
+    assert s.grpc.admin_token == "s3cret"
+
+
 def test_error_tls_pair() -> None:
     assert error_of(["--set", "grpc.tls.certFile=/tmp/c.pem"]) == (
         "eventbus.grpc.tls: certFile and keyFile must be set together"
