@@ -262,6 +262,10 @@ class EventConsumer:
             heartbeat_interval_ms=o.heartbeat_interval_ms,
             max_poll_interval_ms=o.max_poll_interval_ms,
             fetch_max_wait_ms=o.fetch_max_wait_ms,
+            # The broker must wait for our revoke (bounded by revoke_timeout_s)
+            # before it drops us from the group; aiokafka's default is the
+            # session timeout, shorter than the revoke wait.
+            rebalance_timeout_ms=max(o.session_timeout_ms, int(o.revoke_timeout_s * 1000) + 5000),
             **o.kafka,
         )
         await self._consumer.start()

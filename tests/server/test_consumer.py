@@ -227,6 +227,9 @@ async def test_full_queue_pauses_only_its_partition_and_drops_nothing(
             return "backpressure" in st[0].paused_reasons
 
         await assert_eventually(p0_backpressured, message="partition 0 paused by backpressure")
+        sample = consumer.metrics.registry.get_sample_value
+        paused_metric = "kafka_eventbus_consumer_paused_partitions"
+        await assert_eventually(lambda: sample(paused_metric, {"reason": "backpressure"}) == 1)
         # Partition 1 keeps flowing while partition 0 waits (aggregates away from 'slow').
         # (Aggregates that share the slow one's executor would wait behind it: by
         # design, so the other partition's traffic avoids that executor.)
@@ -245,6 +248,7 @@ async def test_full_queue_pauses_only_its_partition_and_drops_nothing(
         rec.gates["slow"].set()
         await assert_eventually(lambda: rec.count == 230, timeout=10, message="nothing dropped")
         await assert_eventually(lambda: not consumer.partition_status()[0].paused)
+        await assert_eventually(lambda: sample(paused_metric, {"reason": "backpressure"}) == 0)
     assert rec.seen["slow"] == list(range(30))
 
 
