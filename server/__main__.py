@@ -136,6 +136,7 @@ def _banner(settings: Settings, ep: Endpoints, *, embedded: bool) -> None:
         lines.append(f"  metrics    http://{ep.metrics_address}/metrics")
     if ep.grpc_address:
         lines.append(f"  gRPC       {ep.grpc_address} (actorpool.control.v1.PoolControl)")
+    lines.append("  (partitions show up once the consumer has joined its group: a few seconds)")
     lines.append("look at it:")
     if ep.metrics_address:
         lines.append(f"  curl -s http://{ep.metrics_address}/metrics | grep kafka_eventbus_")

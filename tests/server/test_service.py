@@ -7,6 +7,7 @@ dead-letter sink and ``/metrics`` over HTTP.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import urllib.request
 from collections import defaultdict
@@ -24,6 +25,7 @@ from server._control import (
     PreconditionError,
     UnknownPartitionError,
 )
+from server._grpc import GrpcConfigError
 from server._service import Service
 from tests.conftest import MakeTopic
 from tests.helpers import assert_eventually
@@ -237,3 +239,22 @@ async def test_drain_timeout_reports_what_remains_and_resumes_when_asked(
         assert not svc.status().partitions[0].paused
         recorder.gates["stuck"].set()
         await assert_eventually(lambda: svc.status().partitions[0].committed == 3)
+
+
+async def test_a_port_in_use_fails_the_start_and_releases_everything(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = service_settings(
+            broker.bootstrap, topic, f"{topic}-g", f"grpc.address=127.0.0.1:{port}"
+        )
+        svc = Service(settings, bootstrap_servers=broker.bootstrap, handler=MemoryRecorder())
+        with pytest.raises(GrpcConfigError, match="cannot bind"):
+            async with svc:
+                pass
+    assert svc._http is None  # the /metrics server it had started is stopped
+    assert not svc.status().ready
