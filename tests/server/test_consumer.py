@@ -366,3 +366,38 @@ async def test_redeliveries_after_a_rebalance_are_counted_and_nothing_is_lost(
         rec.gates["a-2"].set()
         await assert_eventually(lambda: a.partition_status()[0].committed == 10, timeout=10)
     assert sorted(rec.seen) == [f"a-{i}" for i in range(10)]
+
+
+async def test_backpressure_and_mode_switches_together_keep_order_and_commit_everything(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=4)
+    ends = await produce(broker.bootstrap, topic, aggregate_events(30, 40, 4))
+    rec = Recorder(delay=0.0005)
+    async with running(
+        broker, topic, rec, group=f"{topic}-g", size=8, queue=3, max_in_flight=300
+    ) as (consumer, switch):
+        modes = [(PoolMode.ACTOR, 50.0), (PoolMode.KEYED, 100.0), (PoolMode.ACTOR, 100.0)]
+        switches = 0
+        while rec.count < 1200 and switches < 200:
+            mode, rollout = modes[switches % len(modes)]
+            await switch.set_rollout(rollout)
+            await switch.set_mode(mode)
+            switches += 1
+            await asyncio.sleep(0.01)  # pacing the switches, not synchronising
+        await assert_eventually(lambda: rec.count == 1200, timeout=20)
+        await assert_eventually(
+            lambda: {s.partition: s.committed for s in consumer.partition_status()} == ends
+        )
+        pauses = sum(
+            consumer.metrics.registry.get_sample_value(
+                "kafka_eventbus_consumer_backpressure_pauses_total",
+                {"topic": topic, "partition": str(p)},
+            )
+            or 0
+            for p in range(4)
+        )
+    assert pauses > 0, "the queues never filled: the test did not exercise backpressure"
+    assert switches >= 5
+    assert not rec.overlap
+    assert all(seqs == list(range(40)) for seqs in rec.seen.values())
