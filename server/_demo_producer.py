@@ -8,7 +8,6 @@ on one partition, with a per-aggregate sequence number in the payload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -94,8 +93,12 @@ class DemoProducer:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - the demo must never fail the shutdown
+                log.warning("demo.producer_failed", error=repr(exc), sent=self.sent)
         if self._producer is not None:
             await self._producer.stop()
         log.info("demo.producer_stopped", sent=self.sent)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,3 +241,43 @@ async def test_sigterm_finishes_in_flight_events_commits_and_exits_0(
     log = server.err.read_text()
     assert log.index('"service.stopping"') < log.index('"consumer.closed"')
     assert log.index('"consumer.closed"') < log.index('"control.stopped"')
+
+
+def test_embedded_demo_run_prints_where_things_are_and_serves_metrics(tmp_path: Path) -> None:
+    """What ``make run`` does, with free ports: embedded broker, demo traffic."""
+    out, err = tmp_path / "run.out", tmp_path / "run.err"
+    cmd = [
+        sys.executable, "-m", "server", "--embedded", "--demo",
+        "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
+        "--set", "kafka.consumer.sessionTimeoutMs=2000",
+        "--set", "kafka.consumer.heartbeatIntervalMs=500",
+        "--set", "demo.rate=500",
+    ]  # fmt: skip
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, cwd=ROOT)
+    try:
+        asyncio.run(assert_eventually(lambda: "look at it:" in out.read_text(), timeout=20))
+        banner = out.read_text()
+        for needle in ("embedded Tansu", "gRPC", "poolctl", "topics     events", "demo"):
+            assert needle in banner, needle
+        metrics_url = next(
+            word for word in banner.split() if word.startswith("http://")
+        )  # e.g. http://127.0.0.1:PORT/metrics
+
+        def consumed() -> float:
+            with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+                text = resp.read().decode()
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("kafka_eventbus_consumer_records_consumed_total{")
+            )
+
+        asyncio.run(assert_eventually(lambda: consumed() > 100, timeout=20))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, err.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert '"broker.stopped"' in err.read_text()
