@@ -539,6 +539,11 @@ class EventConsumer:
         if self._throttled and self._in_flight <= self.options.low_watermark:
             self._room.set()
 
+    def _check_room(self) -> None:
+        """Wake a throttled fetch loop after in-flight dropped without a finish."""
+        if self._throttled and self._in_flight <= self.options.low_watermark:
+            self._room.set()
+
     # ---------------------------------------------------------------- commit
 
     async def _commit_loop(self) -> None:
@@ -638,6 +643,7 @@ class EventConsumer:
             part.abandoned += len(part.backlog)
             self._in_flight -= len(part.backlog)
             part.backlog.clear()
+        self._check_room()
         tps = [p.tp for p in parts]
         # Wait (bounded) for what the pool still runs of these partitions.
         deadline = started + self.options.revoke_timeout_s
