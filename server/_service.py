@@ -46,6 +46,7 @@ from server._consumer import DRAIN, OPERATOR, ConsumerOptions, EventConsumer
 from server._consumer_metrics import ConsumerMetrics
 from server._control import (
     CommittedOffset,
+    ControlTarget,
     DeadLetterFilter,
     DrainIncompleteError,
     DrainProgress,
@@ -460,3 +461,8 @@ def _process_registry() -> CollectorRegistry:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
+
+
+def _conforms(service: Service) -> ControlTarget:
+    """Static check (mypy): :class:`Service` is a :class:`ControlTarget`."""
+    return service
