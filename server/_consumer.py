@@ -455,7 +455,6 @@ class EventConsumer:
                 del owners[id(item)]
                 part.backlog.append((offset, item))
                 part.holds.add(BACKPRESSURE)
-                self.metrics.backpressure_pauses.labels(tp.topic, str(tp.partition)).inc()
                 self._apply_pause(part)
                 part.backlog_task = self._spawn(
                     self._submit_backlog(part), f"consumer.backlog[{tp.topic}:{tp.partition}]"

@@ -33,8 +33,6 @@ ConsumerMetricSuffix = Literal[
     "records_consumed_total",
     # Histogram: duration of one offset commit request.
     "commit_latency_seconds",
-    # Counter {topic, partition}: times a partition was paused because a target queue was full.
-    "backpressure_pauses_total",
     # Counter: offset commits that failed (the next commit retries them).
     "commit_failures_total",
     # Counter {reason}: events rejected at intake (bad envelope, ID, size) and dead-lettered.
@@ -93,12 +91,6 @@ class ConsumerMetrics:
         self.consumed = Counter(
             consumer_metric("records_consumed_total"),
             "Records fetched from the broker.",
-            tp,
-            registry=registry,
-        )
-        self.backpressure_pauses = Counter(
-            consumer_metric("backpressure_pauses_total"),
-            "Times a partition was paused because a target executor queue was full.",
             tp,
             registry=registry,
         )
