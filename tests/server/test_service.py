@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pool import Message
+from pool import Message, NonRetryableError
 from server._broker import EmbeddedBroker
 from server._config import Settings, load_settings
 from server._control import (
@@ -258,3 +258,43 @@ async def test_a_port_in_use_fails_the_start_and_releases_everything(
                 pass
     assert svc._http is None  # the /metrics server it had started is stopped
     assert not svc.status().ready
+
+
+class FailOnce(MemoryRecorder):
+    """Dead-letters each poison event the first time it is seen, handles it after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: set[str] = set()
+
+    async def __call__(self, message: Message) -> None:
+        payload = (message.envelope or {}).get("payload") or {}
+        if payload.get("poison") and message.aggregate_id not in self.failed:
+            self.failed.add(message.aggregate_id)
+            raise NonRetryableError("first time")
+        self.events.append((message.aggregate_id, payload.get("seq", -1), 0, message.offset))
+
+
+async def test_a_dead_letter_redriven_by_id_is_handled_and_committed(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=1)
+    await broker.create_topics({f"{topic}.dlq": 1})
+    recorder = FailOnce()
+    settings = service_settings(broker.bootstrap, topic, f"{topic}-g")
+    async with Service(settings, bootstrap_servers=broker.bootstrap, handler=recorder) as svc:
+        await svc.consumer.wait_assigned(10)
+        poison = envelope("p-1", 0, payload={"seq": 0, "poison": True})
+        await produce(broker.bootstrap, topic, [(0, b"p-1", poison)])
+        await assert_eventually(lambda: len(svc.select_dead_letters(DeadLetterFilter())) == 1)
+        await assert_eventually(lambda: svc.status().partitions[0].committed == 1)
+        dead = svc.select_dead_letters(DeadLetterFilter())[0]
+        seen: list[str] = []
+        unsubscribe = svc.subscribe_dead_letters(lambda d: seen.append(d.id))
+        result = await svc.redrive(ids=[dead.id])
+        unsubscribe()
+        assert (result.matched, result.republished, result.failed) == (1, 1, 0)
+        await assert_eventually(lambda: [e[0] for e in recorder.events] == ["p-1"])
+        await assert_eventually(lambda: svc.status().partitions[0].committed == 2)
+        assert svc.select_dead_letters(DeadLetterFilter()) == []
+        assert seen == []
