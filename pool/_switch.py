@@ -105,6 +105,7 @@ class PoolSwitch:
         self._handover: set[str] | None = None
         self._handover_done: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._change_listeners: list[Callable[[SwitchResult], None]] = []
         self._closing = False
         keyed.add_finish_listener(self._finished)
         actor.add_finish_listener(self._finished)
@@ -190,6 +191,11 @@ class PoolSwitch:
         in either pool (after the switch's own bookkeeping)."""
         for pool in self.pools.values():
             pool.add_finish_listener(listener)
+
+    def add_change_listener(self, listener: Callable[[SwitchResult], None]) -> None:
+        """Call ``listener(result)`` after every ``set_mode``/``set_rollout`` that
+        changed the rule (metrics, audit). It must not raise or block."""
+        self._change_listeners.append(listener)
 
     async def _wait_for_space(self, message: Message, full: QueueFullError) -> None:
         pool = self.pools[self.where(message.aggregate_id)[0]]
@@ -378,6 +384,8 @@ class PoolSwitch:
                     waited_aggregates=waited,
                     pending_aggregates=result.pending_aggregates,
                 )
+                for listener in self._change_listeners:
+                    listener(result)
             return result
 
     # -------------------------------------------------------- lifecycle

@@ -62,6 +62,7 @@ from server._control import (
 from server._dlq import DeadLetterSink
 from server._handlers import load_handler
 from server._intake import Decoder
+from server._switch_metrics import SwitchMetrics
 
 log = structlog.get_logger("server.service")
 
@@ -155,6 +156,8 @@ class Service:
             keyed, actor, mode=s.mode, rollout_percent=s.kafka.actor_pool.rollout_percent
         )
         self._switch.start()
+        self.switch_metrics = SwitchMetrics(self._switch, self.registry)
+        self._switch.add_change_listener(self.switch_metrics.on_change)
         self._sink = DeadLetterSink.from_settings(s, self.bootstrap_servers)
         await self._sink.start()
         c = s.kafka.consumer
@@ -421,6 +424,7 @@ class Service:
                 partitions=tuple((tp.topic, tp.partition) for tp in held),
                 resumed=resumed,
             )
+            self.switch_metrics.observe_drain(result.took_s, complete=not left)
             log.info(
                 "service.drained",
                 finished=result.finished,

@@ -10,9 +10,8 @@ ends.
 Wiring (one registry per service)::
 
     metrics = SwitchMetrics(switch, registry)
-    result = await switch.set_mode(mode)        # wherever changes are made
-    metrics.observe_switch(result, "mode")       # or "rollout"
-    metrics.observe_drain(took_s, complete=True)
+    switch.add_change_listener(metrics.on_change)   # every set_mode/set_rollout
+    metrics.observe_drain(took_s, complete=True)     # when a drain ends
 """
 
 from __future__ import annotations
@@ -102,6 +101,11 @@ class SwitchMetrics:
     def observe_switch(self, result: SwitchOutcome, kind: SwitchKind) -> None:
         """Record a ``set_mode`` (``kind="mode"``) or ``set_rollout`` result."""
         self._duration.labels(kind).observe(max(result.took_s, 0.0))
+
+    def on_change(self, result: SwitchOutcome) -> None:
+        """Change listener for ``PoolSwitch.add_change_listener``: a change that
+        moved the mode counts as ``"mode"``, one that kept it as ``"rollout"``."""
+        self.observe_switch(result, "mode" if result.previous_mode != result.mode else "rollout")
 
     def observe_drain(self, took_s: float, *, complete: bool) -> None:
         """Record a drain that ended (``complete=False``: it timed out)."""

@@ -80,6 +80,17 @@ async def test_set_mode_reports_and_routes_new_events_to_the_new_pool() -> None:
     assert t.pools_of("a") == ["keyed", "actor"]
 
 
+async def test_change_listeners_see_every_change_and_only_changes() -> None:
+    t = Tracking()
+    seen: list[tuple[str, str, float]] = []
+    async with make_switch(t) as sw:
+        sw.add_change_listener(lambda r: seen.append((r.previous_mode, r.mode, r.rollout)))
+        await sw.set_mode(PoolMode.ACTOR)
+        await sw.set_mode(PoolMode.ACTOR)  # no change: not reported
+        await sw.set_rollout(25)
+    assert seen == [("keyed", "actor", 100.0), ("actor", "actor", 25.0)]
+
+
 async def test_in_flight_aggregate_is_held_until_its_old_events_finish() -> None:
     t = Tracking()
     t.gates["a"] = asyncio.Event()
