@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test lint fmt typecheck protos protos-check bench check clean
+.PHONY: venv run test lint fmt typecheck protos protos-check bench bench-e2e rules-check image check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,19 @@ protos-check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pool_bench.py
+
+## End to end through the embedded broker: plain loop, per-partition wait, keyed, actor.
+bench-e2e: $(STAMP)
+	$(BIN)/python bench/e2e_bench.py
+
+## promtool checks and unit tests of the alert and recording rules.
+rules-check: $(STAMP)
+	bash scripts/ensure_system_deps.sh
+	promtool check rules deploy/prometheus/rules.yml
+	promtool test rules deploy/prometheus/rules_test.yml
+
+image:
+	docker build -t pool-server .
 
 check: lint typecheck protos-check test
 

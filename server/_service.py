@@ -62,6 +62,7 @@ from server._control import (
 from server._dlq import DeadLetterSink
 from server._handlers import load_handler
 from server._intake import Decoder
+from server._process_metrics import AsyncioTasksCollector
 from server._switch_metrics import SwitchMetrics
 
 log = structlog.get_logger("server.service")
@@ -170,6 +171,7 @@ class Service:
             max_in_flight=c.max_in_flight,
             revoke_timeout_s=c.revoke_timeout_ms / 1000,
             max_records=c.max_poll_records,
+            fetch_max_wait_ms=c.fetch_max_wait_ms,
             auto_offset_reset=c.auto_offset_reset,
             session_timeout_ms=c.session_timeout_ms,
             heartbeat_interval_ms=c.heartbeat_interval_ms,
@@ -459,11 +461,14 @@ def _names(tps: Sequence[TopicPartition]) -> list[str]:
 
 
 def _process_registry() -> CollectorRegistry:
-    """A fresh registry with the process, platform and GC collectors."""
+    """A fresh registry with the process, platform and GC collectors (and the
+    asyncio task count, when created on a running loop)."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+    with contextlib.suppress(RuntimeError):  # no running loop
+        AsyncioTasksCollector(asyncio.get_running_loop(), registry=registry)
     return registry
 
 

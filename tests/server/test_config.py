@@ -333,3 +333,12 @@ def test_error_no_broker_and_embedded_disabled() -> None:
     assert not load_settings(["--brokers", "k:9092"], {}).embedded.enabled
     # both: embedded wins (the entry point uses the embedded broker)
     assert load_settings(["--brokers", "k:9092", "--embedded"], {}).use_embedded_broker
+
+
+def test_fetch_max_wait_is_settable_and_bounded() -> None:
+    assert load_settings([], {}).kafka.consumer.fetch_max_wait_ms == 20
+    s = load_settings(["--set", "kafka.consumer.fetchMaxWaitMs=250"], {})
+    assert s.kafka.consumer.fetch_max_wait_ms == 250
+    assert error_of(["--set", "kafka.consumer.fetchMaxWaitMs=-1"]).startswith(
+        "eventbus.kafka.consumer.fetchMaxWaitMs:"
+    )

@@ -1,0 +1,28 @@
+"""The ``server`` package's public names, imported lazily."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import server
+
+
+def test_every_exported_name_resolves() -> None:
+    for name in server.__all__:
+        assert getattr(server, name) is not None, name
+
+
+def test_unknown_names_raise_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = server.Nope  # type: ignore[attr-defined]
+
+
+def test_importing_the_package_does_not_import_kafka_or_grpc() -> None:
+    code = "import sys, server; print('aiokafka' in sys.modules, 'grpc' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.split() == ["False", "False"]
