@@ -105,15 +105,19 @@ def _check_address(value: str) -> str:
     return value
 
 
-def address_is_loopback(address: str) -> bool:
-    """Whether ``host:port`` binds only to the loopback interface."""
-    host = address.rpartition(":")[0].strip("[]")
+def host_is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP literal, brackets stripped) is loopback only."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def address_is_loopback(address: str) -> bool:
+    """Whether ``host:port`` binds only to the loopback interface."""
+    return host_is_loopback(address.rpartition(":")[0].strip("[]"))
 
 
 class ConsumerSettings(_Section):

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import heapq
 import hmac
-import ipaddress
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -44,6 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from pool import DeadLetter, DrainTimeoutError, PoolClosedError, PoolMode
+from server._config import host_is_loopback
 from server._control import (
     ControlError,
     ControlTarget,
@@ -173,15 +173,6 @@ def split_address(address: str) -> tuple[str, int]:
     if port > 65535:
         raise GrpcConfigError(f"gRPC port out of range in {address!r}")
     return host.removeprefix("[").removesuffix("]"), port
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # -------------------------------------------------------------------- auth
@@ -1109,7 +1100,7 @@ async def start_grpc_server(
     """
     host, _ = split_address(address)
     auth = _Auth(admin_token, read_token)
-    if not is_loopback(host) and not allow_insecure_remote:
+    if not host_is_loopback(host) and not allow_insecure_remote:
         mtls = tls is not None and tls.client_ca_file is not None
         if not auth.enabled and not mtls:
             raise GrpcConfigError(
