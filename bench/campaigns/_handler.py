@@ -1,0 +1,89 @@
+"""The campaigns' handler: records every handled event (and every failed attempt).
+
+Runs inside ``python -m server`` (``--handler bench.campaigns._handler:handle``),
+configured by the environment of that process:
+
+- ``RECORD_FILE`` (required): one line per event handled, ``H,pid,partition,
+  offset,aggregate_id,seq,sent_ns,start_ns,end_ns``, and one per failed
+  attempt, ``F,pid,partition,offset,aggregate_id,seq,attempt,reason``. Each
+  line is one ``os.write`` on an ``O_APPEND`` descriptor: a kill -9 loses
+  nothing already reported handled and lines of several processes never
+  interleave.
+- ``HANDLER_LATENCY_MS`` (default 0): simulated I/O per event.
+
+The payload (``{"seq": n, "t": monotonic_ns, ...}``) may carry failure markers:
+
+- ``"fail": "always"`` - raises on every attempt (retried, then dead-lettered
+  ``retries-exhausted``);
+- ``"fail": "non-retryable"`` - raises :class:`pool.NonRetryableError`;
+- ``"fail_times": N`` - raises on the first N attempts of this process, then
+  succeeds (the demo handler has no such marker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from pool import Message, NonRetryableError
+
+__all__ = ["CampaignHandlerError", "handle"]
+
+_fd: int | None = None
+_latency = float(os.environ.get("HANDLER_LATENCY_MS", "0")) / 1000.0
+#: Failed attempts per (topic, partition, offset) in this process.
+_attempts: dict[tuple[str, int, int], int] = {}
+
+
+class CampaignHandlerError(RuntimeError):
+    """A simulated, retriable failure."""
+
+
+def _write(line: str) -> None:
+    global _fd
+    if _fd is None:
+        _fd = os.open(os.environ["RECORD_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_fd, line.encode())
+
+
+def _fail(message: Message, seq: object, reason: str) -> int:
+    key = (message.topic, message.partition, message.offset)
+    attempt = _attempts.get(key, 0) + 1
+    _attempts[key] = attempt
+    _write(
+        f"F,{os.getpid()},{message.partition},{message.offset},{message.aggregate_id},"
+        f"{seq},{attempt},{reason}\n"
+    )
+    return attempt
+
+
+async def handle(message: Message) -> None:
+    start = time.monotonic_ns()
+    envelope = message.envelope or {}
+    payload = envelope.get("payload")
+    if not isinstance(payload, dict):
+        payload = {}
+    seq = payload.get("seq", -1)
+    if _latency:
+        await asyncio.sleep(_latency)
+    fail = payload.get("fail")
+    if fail == "always":
+        attempt = _fail(message, seq, "always")
+        raise CampaignHandlerError(f"permanent failure {message.aggregate_id}:{seq} #{attempt}")
+    if fail == "non-retryable":
+        _fail(message, seq, "non-retryable")
+        raise NonRetryableError(f"rejected {message.aggregate_id}:{seq}")
+    fail_times = payload.get("fail_times")
+    if isinstance(fail_times, int) and fail_times > 0:
+        done = _attempts.get((message.topic, message.partition, message.offset), 0)
+        if done < fail_times:
+            attempt = _fail(message, seq, "transient")
+            raise CampaignHandlerError(
+                f"transient failure {message.aggregate_id}:{seq} #{attempt}/{fail_times}"
+            )
+        _attempts.pop((message.topic, message.partition, message.offset), None)
+    _write(
+        f"H,{os.getpid()},{message.partition},{message.offset},{message.aggregate_id},{seq},"
+        f"{payload.get('t', 0)},{start},{time.monotonic_ns()}\n"
+    )
