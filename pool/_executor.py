@@ -125,7 +125,6 @@ class BasePool:
         self._loop: asyncio.AbstractEventLoop | None = None
         runner = self._new_runner(handler)
         self._executors = [_Executor(i, runner) for i in range(size)]
-        self._in_flight = 0
         self._listeners: list[FinishListener] = []
         self._started = False
         self._closing = False
@@ -147,7 +146,8 @@ class BasePool:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        # Summed when asked (rare) rather than counted on the hot path.
+        return sum(ex.submitted - ex.finished for ex in self._executors)
 
     @property
     def closed(self) -> bool:
@@ -238,7 +238,6 @@ class BasePool:
         future: Completion | None = loop.create_future() if with_future else None
         ex.queue.append((message, future))
         ex.submitted += 1
-        self._in_flight += 1
         if self._metered:
             metrics = self._metrics
             metrics.message_sent(ex.index)
@@ -323,7 +322,6 @@ class BasePool:
                 outcome = None
             ex.running = False
             ex.finished += 1
-            self._in_flight -= 1
             if metered:
                 report_depth(index, len(queue), capacity)
             for listener in listeners:
@@ -453,7 +451,7 @@ class BasePool:
             async with asyncio.timeout(timeout):
                 await waiter.future
         except TimeoutError:
-            raise DrainTimeoutError(self._in_flight, timeout or 0.0) from None
+            raise DrainTimeoutError(self.in_flight, timeout or 0.0) from None
         finally:
             if not waiter.future.done():
                 waiter.future.cancel()

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Final, Self, TypeAlias
 
 import structlog
 
@@ -37,6 +37,9 @@ from pool._routing import fnv1a_32
 log = structlog.get_logger("pool")
 
 ROLLOUT_BUCKETS = 10_000
+# Module constants: reading an enum member through its class costs a lookup per event.
+_KEYED: Final = PoolMode.KEYED
+_ACTOR: Final = PoolMode.ACTOR
 
 
 def rollout_bucket(aggregate_id: str) -> int:
@@ -63,16 +66,22 @@ class SwitchResult:
     changed: bool
 
 
-class _Aggregate:
-    """Where an aggregate's unfinished events are, and what waits for them."""
+class _Held:
+    """Events of one aggregate waiting for its earlier events in the other pool."""
 
-    __slots__ = ("count", "flushing", "held", "pool")
+    __slots__ = ("events", "flushing", "pool")
 
-    def __init__(self, pool: PoolMode) -> None:
-        self.pool = pool
-        self.count = 0
-        self.held: deque[tuple[Message, Completion | None]] | None = None
+    def __init__(self) -> None:
+        self.events: deque[tuple[Message, Completion | None]] = deque()
+        # Set while _flush_slowly moves the events into ``pool``.
         self.flushing = False
+        self.pool = _KEYED
+
+
+#: (enqueue, unfinished counts of that pool, unfinished counts of the other pool)
+_Lane: TypeAlias = (
+    "tuple[Callable[[Message, bool], Completion | None], dict[str, int], dict[str, int]]"
+)
 
 
 class PoolSwitch:
@@ -90,7 +99,10 @@ class PoolSwitch:
     ) -> None:
         if keyed.mode is not PoolMode.KEYED or actor.mode is not PoolMode.ACTOR:
             raise TypeError("PoolSwitch(keyed=<keyed pool>, actor=<actor pool>)")
-        self.pools: dict[PoolMode, BasePool] = {PoolMode.KEYED: keyed, PoolMode.ACTOR: actor}
+        self.pools: dict[PoolMode, BasePool] = {
+            PoolMode.KEYED: keyed,
+            PoolMode.ACTOR: actor,
+        }
         self._mode = PoolMode(mode)
         self._rollout_bp = _to_basis_points(rollout_percent)
         self._wall_clock = wall_clock
@@ -98,7 +110,21 @@ class PoolSwitch:
         self.generation = 0
         self.since = wall_clock()
         self.switches = 0
-        self._aggregates: dict[str, _Aggregate] = {}
+        # Per pool, the aggregates with unfinished events there and how many.
+        # An aggregate is in at most one of the two at a time (else it is held).
+        # Plain dicts of ints: the hot path allocates nothing per aggregate.
+        self._keyed_counts: dict[str, int] = {}
+        self._actor_counts: dict[str, int] = {}
+        self._lanes: dict[PoolMode, _Lane] = {
+            PoolMode.KEYED: (keyed._enqueue, self._keyed_counts, self._actor_counts),
+            PoolMode.ACTOR: (actor._enqueue, self._actor_counts, self._keyed_counts),
+        }
+        # The lane every aggregate goes to under the current rule, or None when
+        # the rollout splits them (then each aggregate's bucket decides).
+        self._uniform: _Lane | None = None
+        self._update_uniform()
+        # Aggregates whose events wait for a handover (rare).
+        self._holding: dict[str, _Held] = {}
         self._buckets: dict[str, int] = {}
         self._held = 0
         self._lock = asyncio.Lock()
@@ -107,8 +133,8 @@ class PoolSwitch:
         self._tasks: set[asyncio.Task[None]] = set()
         self._change_listeners: list[Callable[[SwitchResult], None]] = []
         self._closing = False
-        keyed.add_finish_listener(self._finished)
-        actor.add_finish_listener(self._finished)
+        keyed.add_finish_listener(self._finish_listener(self._keyed_counts))
+        actor.add_finish_listener(self._finish_listener(self._actor_counts))
 
     # ----------------------------------------------------------- state
     @property
@@ -134,21 +160,36 @@ class PoolSwitch:
         return self._target(aggregate_id, self._mode, self._rollout_bp)
 
     def _target(self, aggregate_id: str, mode: PoolMode, rollout_bp: int) -> PoolMode:
-        if mode is PoolMode.KEYED or rollout_bp <= 0:
-            return PoolMode.KEYED
+        if mode is _KEYED or rollout_bp <= 0:
+            return _KEYED
         if rollout_bp >= ROLLOUT_BUCKETS:
-            return PoolMode.ACTOR
+            return _ACTOR
         bucket = self._buckets.get(aggregate_id)
         if bucket is None:
             if len(self._buckets) >= 65536:
                 self._buckets.clear()
             bucket = self._buckets[aggregate_id] = rollout_bucket(aggregate_id)
-        return PoolMode.ACTOR if bucket < rollout_bp else PoolMode.KEYED
+        return _ACTOR if bucket < rollout_bp else _KEYED
+
+    def _update_uniform(self) -> None:
+        mode, bp = self._mode, self._rollout_bp
+        if mode is _KEYED or bp <= 0:
+            self._uniform = self._lanes[_KEYED]
+        elif bp >= ROLLOUT_BUCKETS:
+            self._uniform = self._lanes[_ACTOR]
+        else:
+            self._uniform = None
 
     def where(self, aggregate_id: str) -> tuple[PoolMode, int]:
         """(pool, executor index) that handles ``aggregate_id``'s next event."""
-        agg = self._aggregates.get(aggregate_id)
-        mode = agg.pool if agg is not None and agg.held is None else self.route(aggregate_id)
+        if aggregate_id in self._holding:
+            mode = self.route(aggregate_id)
+        elif aggregate_id in self._keyed_counts:
+            mode = _KEYED
+        elif aggregate_id in self._actor_counts:
+            mode = _ACTOR
+        else:
+            mode = self.route(aggregate_id)
         return mode, self.pools[mode].executor_for(aggregate_id)
 
     # ----------------------------------------------------------- intake
@@ -202,83 +243,86 @@ class PoolSwitch:
         await pool.wait_for_space(full.index)
 
     def _route_one(self, message: Message, with_future: bool) -> Completion | None:
+        # The hot path (once per event): a few dict lookups, no allocation.
         if self._closing:
             raise PoolClosedError("pool switch is closed; submit refused")
         key = message.aggregate_id
-        mode = self._mode
-        # KEYED mode needs no bucket lookup: the common case stays cheap.
-        target = mode if mode is PoolMode.KEYED else self._target(key, mode, self._rollout_bp)
-        agg = self._aggregates.get(key)
-        if agg is None:
-            pool = self.pools[target]
-            future = pool._enqueue(message, with_future)
-            agg = self._aggregates[key] = _Aggregate(target)
-            agg.count = 1
-            return future
-        if agg.held is None and agg.pool is target:
-            future = self.pools[target]._enqueue(message, with_future)
-            agg.count += 1
+        lane = self._uniform
+        if lane is None:
+            lane = self._lanes[self._target(key, self._mode, self._rollout_bp)]
+        enqueue, counts, other = lane
+        holding = self._holding
+        if key not in other and not (holding and key in holding):
+            future = enqueue(message, with_future)
+            counts[key] = counts.get(key, 0) + 1
             return future
         # Earlier events of this aggregate are unfinished in the other pool
         # (or already held): wait behind them.
         outer: Completion | None = (
             asyncio.get_running_loop().create_future() if with_future else None
         )
-        if agg.held is None:
-            agg.held = deque()
-        agg.held.append((message, outer))
+        held = holding.get(key)
+        if held is None:
+            held = holding[key] = _Held()
+        held.events.append((message, outer))
         self._held += 1
         return outer
 
-    def _finished(self, message: Message, outcome: DeadLetter | None) -> None:
-        key = message.aggregate_id
-        agg = self._aggregates.get(key)
-        if agg is None:  # pragma: no cover - every submitted event is tracked
-            return
-        agg.count -= 1
-        if agg.count > 0:
-            return
-        if agg.held:
-            if not agg.flushing:
-                self._handed_over(key)
-                self._flush(key, agg)
-            return
-        del self._aggregates[key]
-        self._handed_over(key)
+    def _finish_listener(self, counts: dict[str, int]) -> FinishListener:
+        """The switch's finish listener for the pool whose counts are ``counts``."""
+        holding = self._holding
 
-    def _flush(self, key: str, agg: _Aggregate) -> None:
+        def finished(message: Message, outcome: DeadLetter | None) -> None:
+            key = message.aggregate_id
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+                return
+            del counts[key]
+            if holding:
+                held = holding.get(key)
+                if held is not None:
+                    if not held.flushing:
+                        self._handed_over(key)
+                        self._flush(key, held)
+                    return
+            if self._handover is not None:
+                self._handed_over(key)
+
+        return finished
+
+    def _flush(self, key: str, held: _Held) -> None:
         """Move the held events of an aggregate whose old pool is now empty."""
-        held = agg.held
-        assert held is not None
-        agg.pool = target = self.route(key)
-        pool = self.pools[target]
-        while held:
-            message, outer = held[0]
+        events = held.events
+        held.pool = target = self.route(key)
+        enqueue, counts, _ = self._lanes[target]
+        while events:
+            message, outer = events[0]
             try:
-                inner = pool._enqueue(message, outer is not None)
+                inner = enqueue(message, outer is not None)
             except QueueFullError:
-                agg.flushing = True
-                self._spawn(self._flush_slowly(key, agg))
+                held.flushing = True
+                self._spawn(self._flush_slowly(key, held))
                 return
             except PoolClosedError:
                 if outer is not None:
                     outer.cancel()
-                held.popleft()
+                events.popleft()
                 self._held -= 1
                 continue
-            held.popleft()
+            events.popleft()
             self._held -= 1
-            agg.count += 1
+            counts[key] = counts.get(key, 0) + 1
             _chain(inner, outer)
-        agg.held = None
+        del self._holding[key]
 
-    async def _flush_slowly(self, key: str, agg: _Aggregate) -> None:
-        held = agg.held
-        assert held is not None
-        pool = self.pools[agg.pool]
+    async def _flush_slowly(self, key: str, held: _Held) -> None:
+        events = held.events
+        pool = self.pools[held.pool]
+        counts = self._lanes[held.pool][1]
         try:
-            while held:
-                message, outer = held[0]
+            while events:
+                message, outer = events[0]
                 try:
                     if outer is None:
                         await pool.dispatch(message)
@@ -289,15 +333,16 @@ class PoolSwitch:
                     if outer is not None:
                         outer.cancel()
                 else:
-                    agg.count += 1
+                    counts[key] = counts.get(key, 0) + 1
                     _chain(inner, outer)
-                held.popleft()
+                events.popleft()
                 self._held -= 1
         finally:
-            agg.flushing = False
-            agg.held = None
-            if agg.count == 0 and self._aggregates.get(key) is agg:
-                del self._aggregates[key]
+            held.flushing = False
+            if self._holding.get(key) is held:
+                del self._holding[key]
+            if key not in counts:  # its moved events are already finished
+                self._handed_over(key)
 
     def _handed_over(self, key: str) -> None:
         pending = self._handover
@@ -344,11 +389,15 @@ class PoolSwitch:
                 self.generation += 1
                 self.switches += 1
                 self.since = self._wall_clock()
-                waiting = {
-                    key
-                    for key, agg in self._aggregates.items()
-                    if agg.held or agg.pool is not self._target(key, new_mode, new_bp)
-                }
+                self._update_uniform()
+                target = self._target
+                waiting = {key for key, held in self._holding.items() if held.events}
+                waiting.update(
+                    key for key in self._keyed_counts if target(key, new_mode, new_bp) is not _KEYED
+                )
+                waiting.update(
+                    key for key in self._actor_counts if target(key, new_mode, new_bp) is not _ACTOR
+                )
             waited = len(waiting)
             if waiting and wait_timeout != 0:
                 self._handover = waiting
@@ -424,8 +473,8 @@ class PoolSwitch:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for agg in self._aggregates.values():
-            for _, outer in agg.held or ():
+        for held in self._holding.values():
+            for _, outer in held.events:
                 if outer is not None:
                     outer.cancel()
 
