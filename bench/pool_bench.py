@@ -1,7 +1,7 @@
 """In-process pool throughput, against a raw asyncio floor measured in the same run.
 
     .venv/bin/python bench/pool_bench.py [--events 1000000] [--aggregates 10000]
-        [--executors 256] [--json bench/results/pool_bench.json] [--uvloop]
+        [--executors 256] [--repeat 3] [--json bench/results/pool_bench.json] [--uvloop]
 
 For each handler (no-op, and one that awaits 1 ms) it runs:
 
@@ -18,9 +18,17 @@ For each handler (no-op, and one that awaits 1 ms) it runs:
   path the Kafka consumer uses), plus ``switch-actor+prom`` with the Prometheus
   collector, to show what metrics cost.
 
-Rates are events/s from the first submit until the last event is finished.
-Ratios to the raw floor of the same run are what to compare across machines.
+Rates are events/s from the first submit until the last event is finished,
+the best of ``--repeat`` interleaved rounds (default 3). Ratios to the raw
+floor of the same run are what to compare across machines.
 It also reports the memory each queued event costs (tracemalloc, blocked pool).
+
+Every variant, the raw floor included, runs under the cyclic-GC settings the
+service runs with (``_tune_gc`` in ``server/__main__.py``: ``gc.freeze()`` and
+thresholds ``(50_000, 20, 10)``); the pre-built event list is frozen with the
+start-up objects, as it is no part of the event flow. Under the interpreter's
+default thresholds a young collection every 700 allocations dominates every
+variant, which is neither fair to the floor nor what the service sees.
 """
 
 from __future__ import annotations
@@ -207,32 +215,50 @@ VARIANTS = [
 ]
 
 
+def tune_gc() -> None:
+    """The service's GC settings (``server/__main__.py`` ``_tune_gc``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     messages = make_messages(args.events, args.aggregates)
+    tune_gc()
     results: list[dict[str, Any]] = []
     for handler_name, handler in (("noop", noop), ("sleep-1ms", sleep_1ms)):
-        floor = None
+        # Rounds interleave the variants, so a burst of load on a shared
+        # machine hits all of them alike; each variant keeps its best round.
+        runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for round_no in range(1, args.repeat + 1):
+            for variant in VARIANTS:
+                gc.collect()
+                if variant == "raw-floor":
+                    elapsed = await run_raw(messages, handler, args.executors, args.capacity)
+                else:
+                    elapsed = await run_pool(
+                        messages, handler, args.executors, args.capacity, variant
+                    )
+                runs[variant].append(elapsed)
+                print(
+                    f"{handler_name:>10} {variant:>18} round {round_no}: "
+                    f"{len(messages) / elapsed:>12,.0f} ev/s ({elapsed:.2f}s)",
+                    flush=True,
+                )
+        floor = len(messages) / min(runs["raw-floor"])
         for variant in VARIANTS:
-            gc.collect()
-            if variant == "raw-floor":
-                elapsed = await run_raw(messages, handler, args.executors, args.capacity)
-            else:
-                elapsed = await run_pool(messages, handler, args.executors, args.capacity, variant)
-            rate = len(messages) / elapsed
-            floor = rate if variant == "raw-floor" else floor
-            row = {
-                "handler": handler_name,
-                "variant": variant,
-                "events": len(messages),
-                "seconds": round(elapsed, 3),
-                "events_per_s": round(rate),
-                "ratio_to_floor": round(rate / floor, 3) if floor else None,
-            }
-            results.append(row)
-            print(
-                f"{handler_name:>10} {variant:>18} {rate:>12,.0f} ev/s "
-                f"{row['ratio_to_floor']:>6.2f}x floor  ({elapsed:.2f}s)",
-                flush=True,
+            best = min(runs[variant])
+            rate = len(messages) / best
+            results.append(
+                {
+                    "handler": handler_name,
+                    "variant": variant,
+                    "events": len(messages),
+                    "seconds": round(best, 3),
+                    "events_per_s": round(rate),
+                    "ratio_to_floor": round(rate / floor, 3),
+                    "rounds_s": [round(t, 3) for t in runs[variant]],
+                }
             )
     memory = await memory_per_queued_event(args.executors, args.capacity, args.aggregates)
     return {"results": results, "bytes_per_queued_event": memory}
@@ -263,6 +289,9 @@ def evaluate(report: dict[str, Any]) -> dict[str, bool]:
         "noop: each mode >= 60% of raw floor": all(
             rows[("noop", v)]["ratio_to_floor"] >= 0.6 for v in ("keyed", "actor")
         ),
+        "noop: each mode through PoolSwitch >= 60% of raw floor": all(
+            rows[("noop", v)]["ratio_to_floor"] >= 0.6 for v in ("switch-keyed", "switch-actor")
+        ),
         "sleep-1ms: each mode >= 100k events/s": all(
             rows[("sleep-1ms", v)]["events_per_s"] >= 100_000 for v in ("keyed", "actor")
         ),
@@ -275,6 +304,9 @@ def main() -> None:
     parser.add_argument("--aggregates", type=int, default=10_000)
     parser.add_argument("--executors", type=int, default=256)
     parser.add_argument("--capacity", type=int, default=1000)
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds per variant; the best one counts"
+    )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop if installed")
     parser.add_argument(
         "--json", type=Path, default=Path("bench/results/pool_bench.json"), help="output file"
