@@ -51,6 +51,7 @@ from pool import DeadLetter, Message, PoolClosedError, QueueFullError
 from server._consumer_metrics import PAUSE_REASONS, ConsumerMetrics
 from server._control import CommittedOffset, DrainProgress, PartitionStatus
 from server._offsets import CommitPolicy, OffsetTracker
+from server._records import install as install_lenient_records
 
 log = structlog.get_logger("server.consumer")
 
@@ -252,6 +253,7 @@ class EventConsumer:
             return
         self._started = True
         o = self.options
+        install_lenient_records()  # a header name that is not UTF-8 must not stop the fetch
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=o.bootstrap_servers,
             group_id=o.group_id,
