@@ -38,7 +38,7 @@ async def _lag(svc: Any) -> int | None:
         return None
     if not status.partitions:
         return None
-    return sum(p.lag for p in status.partitions if p.HasField("lag"))
+    return int(sum(p.lag for p in status.partitions if p.HasField("lag")))
 
 
 async def run(quick: bool) -> dict[str, Any]:

@@ -125,7 +125,7 @@ async def run_mode(quick: bool, mode: str, name: str) -> dict[str, Any]:
     """The campaign with the service in ``mode`` (reported as campaign ``name``)."""
     started = time.monotonic()
     rate = 2_000 if quick else 5_000
-    phase_s = 3.0 if quick else 15.0
+    phase_s = 2.0 if quick else 15.0
     backlog_n = 4_000 if quick else 30_000
     partitions, aggregates = 8, 1_000
     ids = [f"agg-{i}" for i in range(aggregates)]
