@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -107,3 +108,37 @@ def test_noop_metrics_accepts_every_call() -> None:
     m.inbox_depth(0, 1, 2)
     m.actor_restarted(0)
     m.dead_letter(0, "x")
+
+
+def test_latency_histogram_is_exact_and_its_count_is_the_inf_bucket() -> None:
+    registry = CollectorRegistry()
+    m = PrometheusPoolMetrics("keyed", 2, registry)
+    for duration in (0.0001, 0.00011, 0.001, 31.0):
+        m.message_processed(1, True, duration)
+    m.message_processed(1, False, 0.002)
+    s = samples(registry)
+    name = "kafka_eventbus_keyed_pool_message_latency_seconds"
+
+    def bucket(le: str, worker: str = "1") -> float:
+        return s[(f"{name}_bucket", (("le", le), ("worker_id", worker)))]
+
+    assert bucket("0.0001") == 1  # a duration equal to a bound counts in that bucket
+    assert bucket("0.00025") == 2
+    assert bucket("0.001") == 3
+    assert bucket("0.0025") == 4
+    assert bucket("30.0") == 4
+    assert bucket("+Inf") == 5
+    assert s[(f"{name}_count", (("worker_id", "1"),))] == bucket("+Inf")
+    assert s[(f"{name}_sum", (("worker_id", "1"),))] == 0.0001 + 0.00011 + 0.001 + 31.0 + 0.002
+    assert bucket("+Inf", "0") == 0
+    processed = "kafka_eventbus_keyed_pool_messages_processed_total"
+    assert s[(processed, (("success", "true"), ("worker_id", "1")))] == 4
+    assert s[(processed, (("success", "false"), ("worker_id", "1")))] == 1
+
+
+def test_a_second_collector_of_the_same_kind_is_refused() -> None:
+    registry = CollectorRegistry()
+    PrometheusPoolMetrics("actor", 2, registry)
+    PrometheusPoolMetrics("keyed", 2, registry)
+    with pytest.raises(ValueError, match="Duplicated"):
+        PrometheusPoolMetrics("actor", 2, registry)
