@@ -29,6 +29,7 @@ from typing import Any, Final
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
 from pool import DeadLetter
 from server._control import DeadLetterFilter, RedriveResult
@@ -38,6 +39,7 @@ log = structlog.get_logger("server.dlq")
 
 __all__ = [
     "DLQ_HEADERS",
+    "DLQ_OMITTED_HEADER",
     "DeadLetterSink",
     "DeadLetterSinkError",
     "DeadLetterSubscription",
@@ -60,6 +62,10 @@ DLQ_HEADERS: Final = (
     "dlq-executor",  # executor index, -1 for intake
     "dlq-time",  # when it became a dead letter, ms since the epoch
 )
+#: Added (last) only when the record was too large to publish whole: what was left
+#: out and why. The original stays at dlq-original-topic/-partition/-offset while
+#: retention lasts, and whole in the in-memory ring (stream, redrive).
+DLQ_OMITTED_HEADER: Final = "dlq-omitted"
 
 ERROR_MESSAGE_LIMIT: Final = 1024
 TRACEBACK_LIMIT: Final = 4096
@@ -304,12 +310,16 @@ class DeadLetterSink:
         """
         producer = self._require_producer()
         msg = dead.message
-        await producer.send_and_wait(
-            self.topic_for(msg.topic),
-            value=msg.value,
-            key=msg.key,
-            headers=dead_letter_headers(dead),
-        )
+        topic = self.topic_for(msg.topic)
+        headers = dead_letter_headers(dead)
+        try:
+            await producer.send_and_wait(topic, value=msg.value, key=msg.key, headers=headers)
+        except (MessageSizeTooLargeError, RecordListTooLargeError) as exc:
+            # Too large for the producer or the broker, now and on every retry (an
+            # oversized-value dead letter is over the intake limit by definition):
+            # publish it without the value, then also without the key and the original
+            # headers, rather than hold its offset (and the partition's commits) for ever.
+            await self._publish_reduced(producer, topic, dead, headers, exc)
         recorded = self._record(dead)
         log.error(
             "deadletter.published",
@@ -323,6 +333,36 @@ class DeadLetterSink:
             dlq_topic=self.topic_for(msg.topic),
         )
         return recorded
+
+    @staticmethod
+    async def _publish_reduced(
+        producer: Any,
+        topic: str,
+        dead: DeadLetter,
+        headers: list[tuple[str, bytes]],
+        error: Exception,
+    ) -> None:
+        msg = dead.message
+        dlq_headers = headers[len(msg.headers) :]
+        why = (
+            f"too large to publish whole ({type(error).__name__}); value was {len(msg.value)} bytes"
+        )
+        try:
+            await producer.send_and_wait(
+                topic,
+                value=b"",
+                key=msg.key,
+                headers=[*headers, (DLQ_OMITTED_HEADER, f"value: {why}".encode())],
+            )
+        except (MessageSizeTooLargeError, RecordListTooLargeError):
+            omitted = f"value, key and original headers: {why}, key {len(msg.key or b'')} bytes"
+            await producer.send_and_wait(
+                topic,
+                value=b"",
+                key=None,
+                headers=[*dlq_headers, (DLQ_OMITTED_HEADER, omitted.encode())],
+            )
+        log.warning("deadletter.reduced", **event_fields(msg), error=repr(error)[:200])
 
     def _record(self, dead: DeadLetter) -> DeadLetter:
         self._next_id += 1
