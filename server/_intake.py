@@ -153,7 +153,7 @@ def _envelope_problem(obj: dict[str, Any]) -> str | None:
     if isinstance(ts, str):
         if not ts.strip():
             problems.append("timestamp must not be empty")
-    elif isinstance(ts, bool) or not isinstance(ts, int | float) or ts < 0:
+    elif isinstance(ts, bool) or not isinstance(ts, int | float) or not ts >= 0:  # NaN is not >= 0
         problems.append("timestamp must be a string or a number >= 0")
     if "aggregate_id" in obj and not isinstance(obj["aggregate_id"], str | None):
         problems.append("aggregate_id must be a string")

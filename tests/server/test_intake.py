@@ -381,3 +381,11 @@ def test_decode_record_reads_a_consumer_record() -> None:
         "k",
         77,
     )
+
+
+def test_an_envelope_timestamp_of_nan_is_malformed() -> None:
+    """``NaN`` is not a number >= 0 (it passed ``ts < 0``; found by the bad-input campaign)."""
+    value = envelope().replace(b'"2026-11-25T10:00:00Z"', b"NaN")
+    dead = as_dead(decode(value), DeadLetterReason.MALFORMED_ENVELOPE)
+    assert "timestamp must be a string or a number >= 0" in dead.error_message
+    as_message(decode(envelope().replace(b'"2026-11-25T10:00:00Z"', b"Infinity")))
