@@ -1,0 +1,627 @@
+"""Campaign 6, control-plane abuse: the real service's gRPC API under hostile callers.
+
+Against ``python -m server`` (admin and read tokens configured) while events flow:
+
+1. **Fuzzing**: hypothesis draws arguments for every RPC (out-of-range
+   numbers, NaN, unknown enum values, invalid durations and timestamps, odd
+   strings, unknown partitions, ...). Every call must answer OK or a defined
+   status with a message: never ``INTERNAL``/``UNKNOWN``, never a crash. After
+   it, intake is resumed and events still flow.
+2. **Tokens**: no token, a wrong one, malformed metadata -> ``UNAUTHENTICATED``;
+   the read token on a mutating call -> ``PERMISSION_DENIED``; health needs none.
+3. **1 000 concurrent dead-letter streams** (``follow``): each gets its backlog
+   and the live dead letters; processing speed is measured with and without
+   them; after they close, asyncio tasks return to their baseline.
+4. **A client that never reads its stream**: its buffer overflows, the skips
+   are counted (``pool_control_dead_letter_stream_skipped_total``) and
+   processing is not slowed.
+5. **Calls during shutdown**: SIGTERM while calls are in flight: each gets OK
+   or ``UNAVAILABLE``, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from actorpool.control.v1 import control_pb2 as pb
+from actorpool.control.v1 import control_pb2_grpc as pb_grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.campaigns._harness import (
+    SteadyProducer,
+    campaign_env,
+    count_handled,
+    result,
+    scrape_metrics,
+    wait_for,
+)
+
+NAME = "control_abuse"
+DESCRIPTION = (
+    "RPC fuzzing, bad tokens, 1 000 dead-letter streams, a non-reader, calls during SIGTERM"
+)
+ORDER = 60
+TIMEOUT_S = 900
+
+ADMIN = "admin-token-campaign"
+READ = "read-token-campaign"
+ASYNCIO_TASKS = "kafka_eventbus_process_asyncio_tasks"
+SKIPPED = "pool_control_dead_letter_stream_skipped_total"
+
+#: Codes a well-formed but unacceptable call may get. Never INTERNAL or UNKNOWN.
+DEFINED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.DEADLINE_EXCEEDED,  # a drain that timed out (also our own deadline)
+    grpc.StatusCode.CANCELLED,  # our deadline on a following stream
+}
+MUTATING = ("SetPoolMode", "SetRollout", "Drain", "Pause", "Resume", "RedriveDeadLetters")
+READS = ("GetStatus", "GetInboxDepth", "StreamDeadLetters")
+
+
+def _meta(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+# ------------------------------------------------------------------ fuzzing
+
+
+def request_strategies(topic: str) -> dict[str, Any]:
+    """A hypothesis strategy per RPC, drawing its request message."""
+    from hypothesis import strategies as st
+
+    i32 = st.one_of(st.integers(-5, 1005), st.integers(-(2**31), 2**31 - 1))
+    text = st.one_of(
+        st.text(max_size=20),
+        st.sampled_from(["", topic, f"{topic}.dlq", "agg-1", "x" * 300, "\x00", "é" * 10]),
+    )
+    percent = st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 50.0, 100.0])
+    )
+    mode = st.one_of(st.sampled_from([0, 1, 2]), st.integers(-(2**31), 2**31 - 1))
+
+    @st.composite
+    def duration(draw: Any) -> duration_pb2.Duration | None:
+        if draw(st.booleans()):
+            return None
+        d = duration_pb2.Duration()
+        d.seconds = draw(st.one_of(st.integers(-5, 5), st.integers(-(10**12), 10**12)))
+        d.nanos = draw(st.one_of(st.integers(-10, 10), st.integers(-(2**31), 2**31 - 1)))
+        return d
+
+    @st.composite
+    def short_duration(draw: Any) -> duration_pb2.Duration | None:
+        # Drain timeouts: mostly invalid or short (a valid long one would hold the call).
+        d = draw(duration())
+        if d is not None and 0.5 < d.seconds + d.nanos / 1e9 <= 3600:
+            d.seconds, d.nanos = 0, 200_000_000
+        return d
+
+    @st.composite
+    def stamp(draw: Any) -> timestamp_pb2.Timestamp | None:
+        if draw(st.booleans()):
+            return None
+        t = timestamp_pb2.Timestamp()
+        t.seconds = draw(st.one_of(st.integers(-(10**12), 10**12), st.integers(0, 2**33)))
+        t.nanos = draw(st.one_of(st.integers(0, 999_999_999), st.integers(-(2**31), 2**31 - 1)))
+        return t
+
+    partitions = st.lists(st.builds(pb.TopicPartition, topic=text, partition=i32), max_size=3)
+    dl_filter = st.builds(
+        lambda topic_, agg, et, reason, since: _filter(topic_, agg, et, reason, since),
+        text, text, text,
+        st.one_of(text, st.sampled_from(["non-retryable", "retries-exhausted"])),
+        stamp(),
+    )  # fmt: skip
+
+    def with_wait(cls: Any, **fields: Any) -> Any:
+        return st.builds(lambda w, **kw: _set(cls(**kw), "wait_timeout", w), duration(), **fields)
+
+    return {
+        "GetStatus": st.just(pb.GetStatusRequest()),
+        "GetInboxDepth": st.builds(
+            pb.GetInboxDepthRequest, pool=mode, aggregate_id=text, top=i32,
+            omit_executors=st.booleans(),
+        ),
+        "SetPoolMode": with_wait(pb.SetPoolModeRequest, mode=mode, request_id=text),
+        "SetRollout": with_wait(pb.SetRolloutRequest, percent=percent, request_id=text),
+        "Drain": st.builds(
+            lambda t, **kw: _set(pb.DrainRequest(**kw), "timeout", t),
+            short_duration(), partitions=partitions, resume_after=st.just(True),
+            request_id=text,
+        ),
+        "Pause": st.builds(pb.PauseRequest, partitions=partitions, request_id=text),
+        "Resume": st.builds(pb.ResumeRequest, partitions=partitions, request_id=text),
+        "StreamDeadLetters": st.builds(
+            pb.StreamDeadLettersRequest, filter=dl_filter, follow=st.booleans(),
+            backlog_limit=i32, buffer_size=i32,
+        ),
+        "RedriveDeadLetters": st.builds(
+            lambda ids, f, **kw: pb.RedriveDeadLettersRequest(
+                ids=ids, **({"filter": f} if f is not None else {}), **kw
+            ),
+            st.lists(st.one_of(text, st.just("1")), max_size=3),
+            st.one_of(st.none(), dl_filter), all=st.booleans(), request_id=text,
+        ),
+    }  # fmt: skip
+
+
+def _set(msg: Any, name: str, value: Any) -> Any:
+    if value is not None:
+        getattr(msg, name).CopyFrom(value)
+    return msg
+
+
+def _filter(
+    topic: str, agg: str, et: str, reason: str, since: timestamp_pb2.Timestamp | None
+) -> pb.DeadLetterFilter:
+    f = pb.DeadLetterFilter(topic=topic, aggregate_id=agg, error_type=et, reason=reason)
+    return _set(f, "since", since)  # type: ignore[no-any-return]
+
+
+def call(
+    stub: pb_grpc.PoolControlStub,
+    method: str,
+    request: Any,
+    token: str | None,
+    stream_timeout: float = 3.0,
+) -> tuple[grpc.StatusCode, str]:
+    """One call with a short deadline; ``(code, details)``. Streams are read a little."""
+    fn = getattr(stub, method)
+    try:
+        if method in ("Drain", "StreamDeadLetters"):
+            stream = fn(request, metadata=_meta(token), timeout=stream_timeout)
+            for n, _ in enumerate(stream):
+                if n >= 20:
+                    stream.cancel()
+                    break
+        else:
+            fn(request, metadata=_meta(token), timeout=10.0)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def draw_requests(topic: str, examples: int, seed: int = 6) -> dict[str, list[Any]]:
+    """``examples`` requests per RPC drawn by hypothesis (collected, then sent by
+    :func:`fuzz`: drawing must not run beside code that uses ``random``)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+
+    out: dict[str, list[Any]] = {}
+
+    def collector(strategy: Any, into: list[Any]) -> Callable[[], None]:
+        @hseed(seed)
+        @settings(
+            max_examples=examples, phases=[Phase.generate], database=None, deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )  # fmt: skip
+        @given(strategy)
+        def one(request: Any) -> None:
+            into.append(request)
+
+        return one  # type: ignore[no-any-return]
+
+    for method, strategy in request_strategies(topic).items():
+        out[method] = []
+        collector(strategy, out[method])()
+    return out
+
+
+def fuzz(
+    address: str, requests: dict[str, list[Any]], stream_timeout: float = 3.0
+) -> dict[str, Any]:
+    """Send every drawn request with the admin token (blocking; run it in a thread).
+    A following stream is read for up to ``stream_timeout`` seconds."""
+    codes: dict[str, Counter[str]] = {}
+    bad: list[str] = []
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.PoolControlStub(channel)
+        for method, items in requests.items():
+            seen = codes[method] = Counter()
+            for request in items:
+                code, details = call(stub, method, request, ADMIN, stream_timeout)
+                seen[code.name] += 1
+                if code not in DEFINED or (code is not grpc.StatusCode.OK and not details):
+                    bad.append(f"{method}({_short(request)}) -> {code.name}: {details!r}"[:400])
+        # Leave it usable: resume everything the fuzzing paused.
+        stub.Resume(pb.ResumeRequest(), metadata=_meta(ADMIN), timeout=10.0)
+        stub.SetRollout(pb.SetRolloutRequest(percent=100), metadata=_meta(ADMIN), timeout=10.0)
+    return {"calls": {m: dict(c) for m, c in codes.items()}, "bad": bad}
+
+
+def _short(request: Any) -> str:
+    return str(request).replace("\n", " ")[:200]
+
+
+# ------------------------------------------------------------------- tokens
+
+
+def token_checks(address: str) -> dict[str, Any]:
+    """Every RPC without a token, with a wrong one, malformed metadata, and the read token."""
+    cases: list[tuple[str, list[tuple[str, str]], grpc.StatusCode | None]] = []
+    bad_metadata = [
+        ("none", []),
+        ("wrong", _meta("nope")),
+        ("basic", [("authorization", "Basic YWRtaW46YWRtaW4=")]),
+        ("empty bearer", [("authorization", "Bearer ")]),
+        ("admin token as read token prefix", _meta(ADMIN[:-1])),
+    ]
+    requests = {
+        "GetStatus": pb.GetStatusRequest(),
+        "GetInboxDepth": pb.GetInboxDepthRequest(),
+        "SetPoolMode": pb.SetPoolModeRequest(mode=pb.POOL_MODE_KEYED),
+        "SetRollout": pb.SetRolloutRequest(percent=100),
+        "Drain": pb.DrainRequest(timeout=duration_pb2.Duration(seconds=1), resume_after=True),
+        "Pause": pb.PauseRequest(),
+        "Resume": pb.ResumeRequest(),
+        "StreamDeadLetters": pb.StreamDeadLettersRequest(),
+        "RedriveDeadLetters": pb.RedriveDeadLettersRequest(ids=["0"]),
+    }
+    for method in requests:
+        for label, md in bad_metadata:
+            cases.append((f"{method} {label}", md, grpc.StatusCode.UNAUTHENTICATED))
+        cases.append(
+            (
+                f"{method} read token",
+                _meta(READ),
+                grpc.StatusCode.PERMISSION_DENIED if method in MUTATING else grpc.StatusCode.OK,
+            )
+        )
+    wrong: list[str] = []
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.PoolControlStub(channel)
+        for label, md, want in cases:
+            method = label.split()[0]
+            fn = getattr(stub, method)
+            try:
+                out = fn(requests[method], metadata=md, timeout=10.0)
+                if method in ("Drain", "StreamDeadLetters"):
+                    for _ in out:
+                        pass
+                got = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                got = exc.code()
+            if got is not want:
+                wrong.append(f"{label}: {got.name}, expected {want.name if want else '?'}")
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5.0
+        )
+        if health.status != health_pb2.HealthCheckResponse.SERVING:
+            wrong.append(f"health without a token: {health.status}")
+        stub.Resume(pb.ResumeRequest(), metadata=_meta(ADMIN), timeout=10.0)
+    return {"checked": len(cases) + 1, "wrong": wrong}
+
+
+# ---------------------------------------------------------- measurements
+
+
+async def _handle_batch(
+    env: Any,
+    svc: Any,
+    topic: str,
+    partitions: int,
+    events: int,
+    prefix: str,
+    decorate: Callable[[str, int], dict[str, Any] | None] | None = None,
+) -> float:
+    """Produce ``events`` as fast as possible; seconds until all are handled."""
+    before = count_handled(svc.record)
+    producer = SteadyProducer(
+        env.bootstrap, topic, partitions=partitions, aggregates=500, prefix=prefix,
+        decorate=decorate,
+    )  # fmt: skip
+    started = time.monotonic()
+    stats = await producer.run(rate=events * 4, seconds=60, max_events=events)
+    poison = 0
+    if decorate is not None:
+        poison = sum(1 for agg, n in producer.seqs.items() for s in range(n) if decorate(agg, s))
+    target = before + stats.acked - poison
+    await wait_for(lambda: count_handled(svc.record) >= target, 120, f"{prefix} handled")
+    return time.monotonic() - started
+
+
+def _metric(svc: Any, name: str) -> float:
+    return float(scrape_metrics(svc.metrics_address).get(name, 0.0))
+
+
+def _rss(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status").read().splitlines():  # noqa: SIM115
+        if line.startswith("VmRSS:"):
+            return float(line.split()[1]) / 1024
+    return math.nan
+
+
+def _poison(every: int) -> Callable[[str, int], dict[str, Any] | None]:
+    def decorate(agg: str, seq: int) -> dict[str, Any] | None:
+        return {"fail": "non-retryable"} if (hash_(agg) + seq) % every == 0 else None
+
+    return decorate
+
+
+def hash_(agg: str) -> int:
+    return int(agg.rsplit("-", 1)[1])
+
+
+async def many_streams(
+    env: Any, svc: Any, topic: str, partitions: int, n: int, events: int
+) -> dict[str, Any]:
+    """``n`` following dead-letter streams; throughput with and without them; tasks after."""
+    pid = svc.proc.pid
+    tasks0 = _metric(svc, ASYNCIO_TASKS)
+    rss0 = _rss(pid)
+    base_s = await _handle_batch(env, svc, topic, partitions, events, "base", _poison(50))
+    channels = [grpc.aio.insecure_channel(svc.grpc_address) for _ in range(max(1, n // 100))]
+    got_end = 0
+    live: Counter[int] = Counter()
+    calls: list[Any] = []
+
+    async def follow(i: int) -> None:
+        nonlocal got_end
+        stub = pb_grpc.PoolControlStub(channels[i % len(channels)])
+        stream = stub.StreamDeadLetters(
+            pb.StreamDeadLettersRequest(follow=True, backlog_limit=5), metadata=_meta(READ)
+        )
+        calls.append(stream)
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            async for event in stream:
+                if event.HasField("backlog_end"):
+                    got_end += 1
+                elif event.HasField("dead_letter"):
+                    live[i] += 1
+
+    readers = [asyncio.create_task(follow(i)) for i in range(n)]
+    try:
+        await wait_for(lambda: got_end >= n, 60, f"{n} streams past their backlog")
+        tasks_open = _metric(svc, ASYNCIO_TASKS)
+        rss_open = _rss(pid)
+        with_s = await _handle_batch(env, svc, topic, partitions, events, "streams", _poison(50))
+        await asyncio.sleep(1.0)  # the last live dead letters reach every stream
+        min_live = min((live[i] for i in range(n)), default=0)
+    finally:
+        for c in calls:
+            c.cancel()
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for ch in channels:
+            await ch.close()
+    tasks_after = 0.0
+
+    async def settled() -> bool:
+        nonlocal tasks_after
+        tasks_after = await asyncio.to_thread(_metric, svc, ASYNCIO_TASKS)
+        return tasks_after <= tasks0 + 10
+
+    settled_ok = True
+    try:
+        await wait_for(settled, 30, "tasks back to baseline", interval=0.5)
+    except TimeoutError:
+        settled_ok = False
+    return {
+        "streams": n,
+        "events_per_batch": events,
+        "handle_s_without": round(base_s, 2),
+        "handle_s_with": round(with_s, 2),
+        "throughput_ratio": round(base_s / with_s, 3),
+        "live_dead_letters_min_per_stream": min_live,
+        "tasks_baseline": tasks0,
+        "tasks_with_streams": tasks_open,
+        "tasks_after_close": tasks_after,
+        "tasks_back_to_baseline": settled_ok,
+        "rss_mib_baseline": round(rss0, 1),
+        "rss_mib_with_streams": round(rss_open, 1),
+        "rss_mib_after_close": round(_rss(pid), 1),
+    }
+
+
+async def never_reader(
+    env: Any, svc: Any, topic: str, partitions: int, events: int
+) -> dict[str, Any]:
+    """A follower with a 10-entry buffer that never reads while dead letters pour in."""
+    skipped0 = _metric(svc, SKIPPED)
+    base_s = await _handle_batch(env, svc, topic, partitions, events, "nr-base", _poison(10))
+    channel = grpc.aio.insecure_channel(svc.grpc_address)
+    stub = pb_grpc.PoolControlStub(channel)
+    stream = stub.StreamDeadLetters(
+        pb.StreamDeadLettersRequest(follow=True, buffer_size=10), metadata=_meta(READ)
+    )
+    try:
+        await stream.wait_for_connection()
+        with_s = await _handle_batch(env, svc, topic, partitions, events, "nr-stuck", _poison(10))
+        skipped = _metric(svc, SKIPPED) - skipped0
+        # Now read what is there: some dead letters, and a Skipped notice.
+        notices = 0
+        with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
+            async with asyncio.timeout(3):
+                async for event in stream:
+                    if event.HasField("skipped"):
+                        notices += 1
+                        break
+    finally:
+        stream.cancel()
+        await channel.close()
+    return {
+        "dead_letters_while_not_reading": events // 10,
+        "skipped_counted": skipped,
+        "skipped_notice_received": notices > 0,
+        "handle_s_without": round(base_s, 2),
+        "handle_s_with_stuck_reader": round(with_s, 2),
+        "throughput_ratio": round(base_s / with_s, 3),
+    }
+
+
+async def calls_during_shutdown(svc: Any, topic: str) -> dict[str, Any]:
+    """SIGTERM while calls are in flight; each gets OK or UNAVAILABLE; exit code 0."""
+    outcomes: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def hammer(method: str, request: Any) -> None:
+        with grpc.insecure_channel(svc.grpc_address) as channel:
+            stub = pb_grpc.PoolControlStub(channel)
+            while not stop.is_set():
+                code, _ = call(stub, method, request, ADMIN)
+                outcomes[f"{method}:{code.name}"] += 1
+                if code is grpc.StatusCode.UNAVAILABLE:
+                    time.sleep(0.05)
+
+    load = [
+        ("GetStatus", pb.GetStatusRequest()),
+        ("GetInboxDepth", pb.GetInboxDepthRequest(top=5)),
+        ("SetRollout", pb.SetRolloutRequest(percent=50)),
+        ("SetPoolMode", pb.SetPoolModeRequest(mode=pb.POOL_MODE_ACTOR)),
+        ("Pause", pb.PauseRequest(partitions=[pb.TopicPartition(topic=topic, partition=0)])),
+        ("Resume", pb.ResumeRequest()),
+        ("StreamDeadLetters", pb.StreamDeadLettersRequest(follow=True)),
+        ("RedriveDeadLetters", pb.RedriveDeadLettersRequest(ids=["1"])),
+    ]
+    threads = [threading.Thread(target=hammer, args=item, daemon=True) for item in load * 2]
+    for t in threads:
+        t.start()
+    await asyncio.sleep(2.0)
+    started = time.monotonic()
+    exit_code = await svc.stop(timeout=60)
+    stop_s = time.monotonic() - started
+    await asyncio.sleep(0.5)  # calls after the exit: connection refused -> UNAVAILABLE
+    stop.set()
+    for t in threads:
+        await asyncio.to_thread(t.join, 15)
+    # CANCELLED only where it is our own doing: we stop reading a stream after 20 events.
+    bad = {
+        k: v
+        for k, v in outcomes.items()
+        if k.split(":")[1] not in ("OK", "UNAVAILABLE") and k != "StreamDeadLetters:CANCELLED"
+    }
+    return {
+        "calls": sum(outcomes.values()),
+        "outcomes": dict(sorted(outcomes.items())),
+        "not_ok_or_unavailable": bad,
+        "exit_code": exit_code,
+        "stop_s": round(stop_s, 2),
+    }
+
+
+# ---------------------------------------------------------------------- run
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    examples = 25 if quick else 300
+    n_streams = 100 if quick else 1000
+    events = 2000 if quick else 20_000
+    partitions = 4
+    failures: list[str] = []
+    details: dict[str, Any] = {}
+    async with campaign_env(NAME) as env:
+        topic = await env.topic(partitions)
+        svc = env.service(
+            topic,
+            latency_ms=0.5,
+            settings={
+                "grpc.adminToken": ADMIN,
+                "grpc.readToken": READ,
+                "pool.retry.maxAttempts": 1,
+                "deadLetter.ringSize": 1000,
+            },
+        )
+        await svc.start(wait_assigned=False)
+
+        async def assigned() -> bool:
+            def status() -> int:
+                with grpc.insecure_channel(svc.grpc_address) as ch:
+                    st = pb_grpc.PoolControlStub(ch).GetStatus(
+                        pb.GetStatusRequest(), metadata=_meta(READ), timeout=2
+                    )
+                    return len(st.partitions)
+
+            try:
+                return await asyncio.to_thread(status) > 0
+            except grpc.RpcError:
+                return False
+
+        await wait_for(assigned, 30, "partitions assigned", 0.2)
+        # A few dead letters so streams and redrive have something to chew on.
+        await _handle_batch(env, svc, topic, partitions, 500, "seed", _poison(20))
+
+        requests = draw_requests(topic, examples)
+        fz = await asyncio.to_thread(fuzz, svc.grpc_address, requests)
+        details["fuzzing"] = {"examples_per_rpc": examples, **fz, "bad": fz["bad"][:10]}
+        failures += [f"fuzz: {b}" for b in fz["bad"][:10]]
+        if not svc.running:
+            failures.append(f"service died during fuzzing: {svc.stderr_tail(500)}")
+            return _result(started, details, failures, examples, n_streams, events)
+        # Still processing after the fuzzing (it paused, drained, switched, redrove).
+        details["after_fuzzing_handle_s"] = round(
+            await _handle_batch(env, svc, topic, partitions, 1000, "after-fuzz"), 2
+        )
+
+        tk = await asyncio.to_thread(token_checks, svc.grpc_address)
+        details["tokens"] = tk
+        failures += [f"token: {w}" for w in tk["wrong"]]
+
+        ms = await many_streams(env, svc, topic, partitions, n_streams, events)
+        details["many_streams"] = ms
+        if not ms["tasks_back_to_baseline"]:
+            failures.append(
+                f"tasks not back to baseline: {ms['tasks_baseline']} -> {ms['tasks_after_close']}"
+            )
+        if ms["throughput_ratio"] < 0.8:
+            failures.append(
+                f"{n_streams} streams slowed processing: ratio {ms['throughput_ratio']}"
+            )
+        if ms["live_dead_letters_min_per_stream"] == 0:
+            failures.append("a stream got no live dead letter")
+
+        nr = await never_reader(env, svc, topic, partitions, events)
+        details["never_reader"] = nr
+        if nr["skipped_counted"] <= 0 or not nr["skipped_notice_received"]:
+            failures.append(f"never-reading stream: skips not counted/notified: {nr}")
+        if nr["throughput_ratio"] < 0.8:
+            failures.append(f"a stuck reader slowed processing: ratio {nr['throughput_ratio']}")
+
+        sd = await calls_during_shutdown(svc, topic)
+        details["shutdown"] = sd
+        if sd["not_ok_or_unavailable"]:
+            failures.append(f"calls during shutdown: {sd['not_ok_or_unavailable']}")
+        if sd["exit_code"] != 0:
+            failures.append(f"exit code {sd['exit_code']}: {svc.stderr_tail(500)}")
+        internal = [
+            line for line in svc.stderr_tail(10**7).splitlines() if "control.call_failed" in line
+        ]
+        details["internal_errors_logged"] = len(internal)
+        failures += [f"logged: {line[:300]}" for line in internal[:3]]
+    return _result(started, details, failures, examples, n_streams, events)
+
+
+def _result(
+    started: float, details: dict[str, Any], failures: list[str], examples: int, n: int, events: int
+) -> dict[str, Any]:
+    calls = sum(sum(c.values()) for c in details.get("fuzzing", {}).get("calls", {}).values())
+    return result(
+        NAME,
+        tried="fuzzed RPC arguments, bad tokens, many streams, a non-reader, SIGTERM mid-calls",
+        amount=(
+            f"{calls} fuzzed calls ({examples}/RPC), {details.get('tokens', {}).get('checked', 0)} "
+            f"token checks, {n} streams, {details.get('shutdown', {}).get('calls', 0)} calls "
+            "around SIGTERM"
+        ),
+        accounting=None,
+        lost=0,
+        reordered=0,
+        duplicated_or_redelivered=0,
+        passed=not failures,
+        seconds=time.monotonic() - started,
+        details=details,
+        failures=failures,
+    )
