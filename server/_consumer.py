@@ -58,6 +58,8 @@ log = structlog.get_logger("server.consumer")
 OPERATOR = "operator"
 DRAIN = "drain"
 BACKPRESSURE = "backpressure"
+#: How often the end offsets of paused partitions are listed (for their lag).
+_LIST_PAUSED_ENDS_EVERY_S = 1.0
 
 
 class RecordDecoder(Protocol):
@@ -152,6 +154,7 @@ class _Partition:
         "finished",
         "holds",
         "kafka_paused",
+        "listed_end",
         "revoked",
         "tp",
         "tracker",
@@ -165,6 +168,9 @@ class _Partition:
         self.committed = committed
         self.holds: set[str] = set()
         self.kafka_paused = False
+        #: End offset listed by the broker while paused (a paused partition is
+        #: not fetched, so aiokafka's high watermark stops moving).
+        self.listed_end: int | None = None
         self.revoked = False
         self.finished = 0
         #: Tracked offsets that will never finish here (dropped backlog on revoke,
@@ -549,12 +555,34 @@ class EventConsumer:
 
     async def _commit_loop(self) -> None:
         tick = min(self.options.commit_interval_s, 0.25)
+        next_listing = 0.0
         while True:
             await asyncio.sleep(tick)
             now = self._clock()
             if self._policy.should_commit(now, self._last_commit_at, self._dirty()):
                 await self.commit()
+            if now >= next_listing:
+                next_listing = now + _LIST_PAUSED_ENDS_EVERY_S
+                await self._list_paused_ends()
             self._update_gauges()
+
+    async def _list_paused_ends(self) -> None:
+        """Ask the broker for the end offsets of paused partitions: they are not
+        fetched, so their high watermark (and the lag derived from it) would
+        otherwise freeze at the last fetch while events pile up behind a pause."""
+        consumer = self._consumer
+        parts = [p for p in self._parts.values() if p.kafka_paused and not p.revoked]
+        if consumer is None or not parts:
+            return
+        try:
+            ends = await asyncio.wait_for(
+                consumer.end_offsets([p.tp for p in parts]), _LIST_PAUSED_ENDS_EVERY_S
+            )
+        except (KafkaError, TimeoutError) as exc:
+            log.debug("consumer.list_offsets_failed", error=repr(exc))
+            return
+        for part in parts:
+            part.listed_end = ends.get(part.tp)
 
     def _dirty(self) -> bool:
         for part in self._parts.values():
@@ -756,6 +784,8 @@ class EventConsumer:
             if consumer is not None:
                 with contextlib.suppress(Exception):
                     high = consumer.highwater(tp)
+            if part.listed_end is not None and (high is None or part.listed_end > high):
+                high = part.listed_end
             lag = None
             if high is not None:
                 base = part.committed if part.committed is not None else 0

@@ -325,6 +325,37 @@ async def test_operator_pause_and_backpressure_are_kept_apart(
         await assert_eventually(lambda: rec.count == 10)
 
 
+async def test_lag_of_a_paused_partition_counts_the_events_waiting_behind_the_pause(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    # Found by the reliability campaign: a paused partition is not fetched, so
+    # its high watermark froze and GetStatus / the lag gauge said 0 while
+    # events piled up behind an operator (or backpressure) pause.
+    topic = await make_topic(partitions=2)
+    rec = Recorder()
+    async with running(broker, topic, rec, group=f"{topic}-g") as (consumer, _):
+        await consumer.wait_assigned(10)
+        tp0 = TopicPartition(topic, 0)
+        consumer.hold("operator", [tp0])
+        events = aggregate_events(10, 3, 2)
+        await produce(broker.bootstrap, topic, [e for e in events if e[0] == 1])
+        # One batch per event: Tansu lists the end offset of a partition as the
+        # last batch's base offset + 1 (Kafka: the last offset + 1).
+        for event in (e for e in events if e[0] == 0):
+            await produce(broker.bootstrap, topic, [event])
+        await assert_eventually(lambda: rec.count == 15, message="partition 1 flows")
+
+        def paused_status() -> Any:
+            return {s.partition: s for s in consumer.partition_status()}[0]
+
+        await assert_eventually(lambda: paused_status().lag == 15, timeout=5)
+        assert paused_status().high_watermark == 15
+        assert paused_status().paused_reasons == ("operator",)
+        consumer.release(["operator"], [tp0])
+        await assert_eventually(lambda: rec.count == 30)
+        await assert_eventually(lambda: paused_status().lag == 0, timeout=5)
+
+
 async def test_redeliveries_after_a_rebalance_are_counted_and_nothing_is_lost(
     broker: EmbeddedBroker, make_topic: MakeTopic
 ) -> None:
