@@ -608,6 +608,17 @@ def _result(
     started: float, details: dict[str, Any], failures: list[str], examples: int, n: int, events: int
 ) -> dict[str, Any]:
     calls = sum(sum(c.values()) for c in details.get("fuzzing", {}).get("calls", {}).values())
+    details["notes"] = [
+        (
+            "Pass criteria: every fuzzed call OK or a defined status with a message "
+            "(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, DEADLINE_EXCEEDED, CANCELLED by "
+            "our own deadline on a following stream), never INTERNAL/UNKNOWN, no "
+            "`control.call_failed` in the log; after the fuzzing events still flow; with the "
+            "streams open (or a stream never read) a batch is handled at >= 80 % of the speed "
+            "without; asyncio tasks back within +10 of the baseline after the streams close; "
+            "during SIGTERM every call OK or UNAVAILABLE and exit code 0."
+        ),
+    ]
     return result(
         NAME,
         tried="fuzzed RPC arguments, bad tokens, many streams, a non-reader, SIGTERM mid-calls",
