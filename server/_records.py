@@ -25,9 +25,11 @@ from typing import Any, Final
 
 import structlog
 from aiokafka.consumer import fetcher as _fetcher
+from aiokafka.errors import CorruptRecordException
 from aiokafka.record import default_records as _default_records
 from aiokafka.record.default_records import DefaultRecordBatch
 from aiokafka.record.legacy_records import LegacyRecordBatch
+from aiokafka.record.memory_records import _MemoryRecordsPy
 
 __all__ = ["LenientMemoryRecords", "install"]
 
@@ -36,6 +38,7 @@ log = structlog.get_logger("server.records")
 _LENGTH_OFFSET: Final = struct.calcsize(">q")
 _LOG_OVERHEAD: Final = struct.calcsize(">qi")
 _MAGIC_OFFSET: Final = struct.calcsize(">qii")
+_MIN_SLICE: Final = _MemoryRecordsPy.MIN_SLICE
 _LENGTH = struct.Struct(">i")
 
 
@@ -132,6 +135,11 @@ class LenientMemoryRecords:
         data = self._next
         if data is None:
             return None
+        if len(data) < _MIN_SLICE:  # as aiokafka's own reader checks
+            raise CorruptRecordException(
+                "Record size is less than the minimum record overhead "
+                f"({_MIN_SLICE - _LOG_OVERHEAD})"
+            )
         self._cache_next()
         magic = data[_MAGIC_OFFSET]
         if magic >= 2:
