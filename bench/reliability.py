@@ -122,7 +122,8 @@ def run_one(campaign: Campaign, quick: bool) -> dict[str, Any]:
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
-        what = f"timed out after {timeout:g}s" if isinstance(exc, TimeoutError) else repr(exc)
+        overrun = time.monotonic() - started >= timeout
+        what = f"timed out after {timeout:g}s" if overrun else repr(exc)
         res = {
             "campaign": campaign.name,
             "tried": campaign.description,

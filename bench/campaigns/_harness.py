@@ -184,6 +184,7 @@ async def read_topic(
     *,
     timeout: float = 60.0,
     parse: bool = True,
+    idle: float = 0.5,
 ) -> list[TopicRecord]:
     """Every record of ``topic`` from the beginning to its current end.
 
@@ -204,17 +205,25 @@ async def read_topic(
         tps = [TopicPartition(topic, p) for p in parts]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        # Tansu lists a partition's end as its last batch's base offset + 1 (a
+        # lower bound): read at least that far, then until nothing comes for
+        # ``idle`` seconds (production has finished when this is called).
         ends = await consumer.end_offsets(tps)
+        reached: dict[TopicPartition, int] = dict.fromkeys(tps, 0)
         deadline = time.monotonic() + timeout
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
+        quiet_since = time.monotonic()
+        while True:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic} back: {len(out)} records within {timeout}s")
-            batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            batches = await consumer.getmany(timeout_ms=100, max_records=10_000)
+            now = time.monotonic()
             for tp, records in batches.items():
                 out.extend(_topic_record(r, parse) for r in records)
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    remaining.discard(tp)
+                if records:
+                    reached[tp] = records[-1].offset + 1
+                    quiet_since = now
+            if now - quiet_since >= idle and all(reached[tp] >= ends[tp] for tp in tps):
+                break
     finally:
         await consumer.stop()
     return out
