@@ -249,9 +249,8 @@ def render(merged: dict[str, dict[str, Any]], order: list[str]) -> str:
                 else:
                     lines.append(f"| {_cell(key)} | {_cell(_fmt(value))} |")
             notes = details.get("notes")
-            if notes:
-                lines.append("")
-                lines += [str(n) for n in (notes if isinstance(notes, list) else [notes])]
+            for note in notes if isinstance(notes, list) else [notes] if notes else []:
+                lines += ["", str(note)]
     return "\n".join(lines) + "\n"
 
 

@@ -128,5 +128,14 @@ async def run(quick: bool) -> dict[str, Any]:
             "aggregates": aggregates,
             "handler_latency_ms": 1.0,
             "exit_code": rc,
+            "notes": [
+                (
+                    "Each switch is a real gRPC call (SetPoolMode toggles KEYED/ACTOR, "
+                    "SetRollout picks one of 0/10/25/50/75/100 %), at uniformly random "
+                    "gaps while the producer keeps its rate. Order is judged per aggregate "
+                    "from the handler's records (first handling of each offset in offset "
+                    "order; never two events of one aggregate at once)."
+                ),
+            ],
         },
     )
