@@ -119,6 +119,7 @@ def run_one(campaign: Campaign, quick: bool) -> dict[str, Any]:
     try:
         res: dict[str, Any] = asyncio.run(asyncio.wait_for(campaign.module.run(quick), timeout))
         _check(res)
+        res["campaign"] = campaign.name  # the module's NAME decides the row
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise

@@ -214,14 +214,14 @@ async def run_mode(quick: bool, mode: str, name: str) -> dict[str, Any]:
         committed = await committed_offsets(env.bootstrap, svc.group, topic, partitions)
     figures: dict[str, Any] = {}
     for storm in (False, True):
-        name = "storm" if storm else "no_failure"
+        phase = "storm" if storm else "no_failure"
         a, b = steady[storm]
-        figures[f"steady_{name}"] = {
+        figures[f"steady_{phase}"] = {
             "healthy_handled_per_s_in_window": _windowed(records, sick, a + 10**9, b),
             **_healthy_figures(records, sick, a, b, from_ns=a),
         }
         a, b, resumed = backlog[storm]
-        figures[f"backlog_{name}"] = _healthy_figures(records, sick, a, b, from_ns=resumed)
+        figures[f"backlog_{phase}"] = _healthy_figures(records, sick, a, b, from_ns=resumed)
     steady_ratio = (
         figures["steady_storm"]["healthy_handled_per_s_in_window"]
         / figures["steady_no_failure"]["healthy_handled_per_s_in_window"]
@@ -280,7 +280,9 @@ async def run_mode(quick: bool, mode: str, name: str) -> dict[str, Any]:
             f"{num(len(truth))} events ({num(rate)}/s steady + {num(backlog_n)} backlog per "
             f"phase): {num(len(permanent))} permanent, {num(len(transient))} transient; "
             f"healthy throughput {steady_ratio:.0%} (steady) / {backlog_ratio:.0%} (backlog) "
-            "of no-failure"
+            "of no-failure; healthy p99 latency at the steady rate "
+            f"{figures['steady_no_failure']['latency_ms_p99']:g} ms -> "
+            f"{figures['steady_storm']['latency_ms_p99']:g} ms"
         ),
         accounting=acc,
         lost=lost,

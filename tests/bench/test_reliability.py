@@ -149,6 +149,7 @@ async def test_poison_storm_quick_transients_succeed_and_permanents_are_dead_let
     async with asyncio.timeout(90):
         res = await poison_storm.run(quick=True)
     d = res["details"]
+    assert res["campaign"] == "poison_storm"
     assert (res["lost"], res["reordered"], res["duplicated_or_redelivered"]) == (0, 0, 0), res
     assert d["permanent_events"] > 100
     assert d["transient_events"] > 100
