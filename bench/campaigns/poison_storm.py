@@ -148,8 +148,11 @@ async def run(quick: bool) -> dict[str, Any]:
     return await run_mode(quick, "keyed", NAME)
 
 
-async def run_mode(quick: bool, mode: str, name: str) -> dict[str, Any]:
-    """The campaign with the service in ``mode`` (reported as campaign ``name``)."""
+async def run_mode(
+    quick: bool, mode: str, name: str, settings: dict[str, object] | None = None
+) -> dict[str, Any]:
+    """The campaign with the service in ``mode`` (reported as campaign ``name``);
+    ``settings`` are extra ``--set`` overrides for the service (experiments)."""
     started = time.monotonic()
     rate = 2_000 if quick else 5_000
     phase_s = 2.0 if quick else 15.0
@@ -164,7 +167,7 @@ async def run_mode(quick: bool, mode: str, name: str) -> dict[str, Any]:
     total = 0
     async with campaign_env(name) as env:
         topic = await env.topic(partitions)
-        svc = env.service(topic, latency_ms=1.0, mode=mode)
+        svc = env.service(topic, latency_ms=1.0, mode=mode, settings=settings)
         await svc.start()
         producer = SteadyProducer(
             env.bootstrap, topic, partitions=partitions, aggregates=aggregates, decorate=phases
