@@ -3,8 +3,9 @@
 Each actor owns an inbox (bounded), its own handler instance (its state, built
 by an optional factory) and a restart budget. When the handler raises, the
 actor has crashed: its supervisor counts a restart, rebuilds the actor's state,
-waits a backoff and retries the event that crashed it — the events queued
-behind it stay in the inbox, in order. When the retry policy gives up the event
+and retries the event that crashed it after a backoff, during which the actor
+serves its other aggregates while the crashing aggregate's later events wait
+behind it, in order. When the retry policy gives up the event
 becomes a dead letter; when the restart budget for the window is spent the
 supervisor escalates (dead letter at once, metric, log) and the actor goes on
 serving its other aggregates. Nothing a handler does can stop the process.

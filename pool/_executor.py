@@ -41,8 +41,11 @@ class _Executor:
     __slots__ = (
         "drain_targets",
         "finished",
+        "held",
         "index",
+        "parked",
         "queue",
+        "ready",
         "run",
         "running",
         "space_waiters",
@@ -57,6 +60,13 @@ class _Executor:
         self.run = run
         self.queue: deque[tuple[Message, Completion | None]] = deque()
         self.running = False
+        # Aggregates whose failing event waits out its retry backoff, and the
+        # events of theirs met in the queue meanwhile (see BasePool._park).
+        self.parked: dict[str, _Parked] = {}
+        # Parked events whose backoff is over, to be retried before the queue.
+        self.ready: deque[_Parked] = deque()
+        # Events parked or deferred behind a parked one (part of the depth).
+        self.held = 0
         self.wakeup: asyncio.Future[None] | None = None
         self.space_waiters: deque[asyncio.Future[None]] = deque()
         self.submitted = 0
@@ -67,7 +77,30 @@ class _Executor:
 
     @property
     def depth(self) -> int:
-        return len(self.queue) + self.running
+        return len(self.queue) + self.running + self.held
+
+
+class _Parked:
+    """A failing event waiting out its backoff, and its aggregate's later events."""
+
+    __slots__ = ("attempts", "deferred", "error", "future", "message", "timer")
+
+    def __init__(
+        self, message: Message, future: Completion | None, attempts: int, error: BaseException
+    ) -> None:
+        self.message = message
+        self.future = future
+        self.attempts = attempts
+        self.error = error
+        self.deferred: deque[tuple[Message, Completion | None]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Retry:
+    """Sentinel type: the retry policy gives a failed event another try."""
+
+
+_RETRY = _Retry()
 
 
 class _DrainWaiter:
@@ -232,7 +265,7 @@ class BasePool:
         key = message.aggregate_id
         index = self._route_memo.get(key)
         ex = self._executors[self._router(key) if index is None else index]
-        depth = len(ex.queue) + ex.running
+        depth = len(ex.queue) + ex.running + ex.held
         if depth >= self._capacity:
             raise QueueFullError(ex.index, self._capacity)
         future: Completion | None = loop.create_future() if with_future else None
@@ -271,13 +304,16 @@ class BasePool:
 
     # --------------------------------------------------------- the worker
     async def _run(self, ex: _Executor) -> None:
-        """The executor loop. The first attempt of each event is inlined here
-        (the hot path); failures go to :meth:`_recover`."""
+        """The executor loop: one event at a time, retries of parked events
+        first, then the queue. The first attempt of each event is inlined here
+        (the hot path)."""
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         queue = ex.queue
         popleft = queue.popleft
+        ready = ex.ready
+        parked = ex.parked
         index = ex.index
         metrics = self._metrics
         processed = metrics.message_processed
@@ -287,12 +323,25 @@ class BasePool:
         capacity = self._capacity
         listeners = self._listeners
         started = 0.0
+        outcome: DeadLetter | _Retry | None
         while True:
-            if not queue:
+            retry: _Parked | None = None
+            if ready:
+                retry = ready.popleft()
+                message, future = retry.message, retry.future
+                ex.held -= 1
+            elif queue:
+                message, future = popleft()
+                if parked and message.aggregate_id in parked:
+                    # Its aggregate waits for a failing event's retry: keep the
+                    # order by deferring it; other aggregates go on meanwhile.
+                    parked[message.aggregate_id].deferred.append((message, future))
+                    ex.held += 1
+                    continue
+            else:
                 ex.wakeup = loop.create_future()
                 await ex.wakeup
                 continue
-            message, future = popleft()
             ex.running = True
             if metered:
                 started = clock()
@@ -300,30 +349,34 @@ class BasePool:
                 await ex.run(message)
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError) and task.cancelling():
+                    ex.running = False
                     if future is not None:
                         future.cancel()  # the pool is being terminated
                     raise
                 if metered:
                     processed(index, False, clock() - started)
                 try:
-                    outcome = await self._recover(ex, message, exc)
-                except asyncio.CancelledError:
-                    if future is not None:
-                        future.cancel()
-                    raise
+                    attempts = 1 if retry is None else retry.attempts + 1
+                    outcome = self._after_failure(ex, message, exc, attempts)
                 except Exception as bug:  # a defect of ours must not kill the executor
                     log.exception("pool.internal_error", mode=self._mode.value, executor=index)
                     outcome = self._dead_letter(
                         index, message, DeadLetterReason.INTERNAL_ERROR, bug, attempts=0
                     )
+                if isinstance(outcome, _Retry):
+                    ex.running = False
+                    self._park(ex, retry, message, future, attempts, exc)
+                    continue
             else:
                 if metered:
                     processed(index, True, clock() - started)
                 outcome = None
             ex.running = False
             ex.finished += 1
+            if retry is not None:
+                self._unpark(ex, retry)
             if metered:
-                report_depth(index, len(queue), capacity)
+                report_depth(index, ex.depth, capacity)
             for listener in listeners:
                 listener(message, outcome)
             if future is not None and not future.done():
@@ -337,47 +390,65 @@ class BasePool:
         """React to a handler failure; False escalates (dead letter at once)."""
         return True
 
-    async def _recover(
-        self, ex: _Executor, message: Message, error: BaseException
-    ) -> DeadLetter | None:
-        """After a failed first attempt: retry under the retry policy with
-        backoff (the events queued behind it wait, so order holds), then
-        dead-letter. Returns None when a retry succeeded."""
+    def _after_failure(
+        self, ex: _Executor, message: Message, error: BaseException, attempts: int
+    ) -> DeadLetter | _Retry:
+        """The dead letter for an event that failed ``attempts`` times, or
+        ``_RETRY`` when the retry policy gives it another try."""
         index = ex.index
-        task = asyncio.current_task()
-        processed = self._metrics.message_processed
-        clock = self._clock
-        attempts = 1
-        while True:
-            if isinstance(error, NonRetryableError):
-                # A deliberate rejection, not a crash: dead letter at once.
-                return self._dead_letter(
-                    index, message, DeadLetterReason.NON_RETRYABLE, error, attempts
-                )
-            if not self._on_crash(ex, error):
-                return self._dead_letter(
-                    index, message, DeadLetterReason.RESTART_BUDGET_EXHAUSTED, error, attempts
-                )
-            if not self._retry.should_retry(attempts):
-                reason = (
-                    DeadLetterReason.HANDLER_TIMEOUT
-                    if isinstance(error, TimeoutError)
-                    else DeadLetterReason.RETRIES_EXHAUSTED
-                )
-                return self._dead_letter(index, message, reason, error, attempts)
-            await asyncio.sleep(self._retry.backoff(attempts, self._rand()))
-            attempts += 1
-            started = clock()
-            try:
-                await ex.run(message)
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
-                    raise
-                processed(index, False, clock() - started)
-                error = exc
-            else:
-                processed(index, True, clock() - started)
-                return None
+        if isinstance(error, NonRetryableError):
+            # A deliberate rejection, not a crash: dead letter at once.
+            return self._dead_letter(
+                index, message, DeadLetterReason.NON_RETRYABLE, error, attempts
+            )
+        if not self._on_crash(ex, error):
+            return self._dead_letter(
+                index, message, DeadLetterReason.RESTART_BUDGET_EXHAUSTED, error, attempts
+            )
+        if not self._retry.should_retry(attempts):
+            reason = (
+                DeadLetterReason.HANDLER_TIMEOUT
+                if isinstance(error, TimeoutError)
+                else DeadLetterReason.RETRIES_EXHAUSTED
+            )
+            return self._dead_letter(index, message, reason, error, attempts)
+        return _RETRY
+
+    def _park(
+        self,
+        ex: _Executor,
+        entry: _Parked | None,
+        message: Message,
+        future: Completion | None,
+        attempts: int,
+        error: BaseException,
+    ) -> None:
+        """Set a failing event aside for its backoff. Its aggregate's later events
+        are deferred behind it (order kept); the executor serves the others."""
+        if entry is None:
+            entry = _Parked(message, future, attempts, error)
+            ex.parked[message.aggregate_id] = entry
+        else:
+            entry.attempts, entry.error = attempts, error
+        ex.held += 1
+        delay = self._retry.backoff(attempts, self._rand())
+        entry.timer = asyncio.get_running_loop().call_later(delay, self._retry_due, ex, entry)
+
+    def _retry_due(self, ex: _Executor, entry: _Parked) -> None:
+        entry.timer = None
+        ex.ready.append(entry)
+        wakeup = ex.wakeup
+        if wakeup is not None:
+            ex.wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+    def _unpark(self, ex: _Executor, entry: _Parked) -> None:
+        """The parked event is finished: its deferred events go first in the queue."""
+        del ex.parked[entry.message.aggregate_id]
+        deferred = entry.deferred
+        ex.held -= len(deferred)
+        ex.queue.extendleft(reversed(deferred))
 
     def _new_runner(self, handler: Handler) -> Callable[[Message], Any]:
         """A coroutine function that runs ``handler`` once, with the timeout."""
@@ -496,6 +567,13 @@ class BasePool:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 for ex in self._executors:
+                    for entry in ex.parked.values():
+                        if entry.timer is not None:
+                            entry.timer.cancel()
+                        ex.queue.extend([(entry.message, entry.future), *entry.deferred])
+                    ex.parked.clear()
+                    ex.ready.clear()
+                    ex.held = 0
                     while ex.queue:
                         _, future = ex.queue.popleft()
                         if future is not None:

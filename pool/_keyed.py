@@ -12,8 +12,9 @@ class KeyedWorkerPool(BasePool):
     """Each aggregate is pinned to one worker (FNV-1a routing); a worker handles
     one event at a time, in queue order.
 
-    A failing event is retried in place under the retry policy, then
-    dead-lettered; the worker goes on with the next event.
+    A failing event is retried under the retry policy, then dead-lettered.
+    During each backoff it is parked: the worker serves other aggregates, and
+    the failing aggregate's later events wait behind it.
     """
 
     _mode = PoolMode.KEYED

@@ -17,6 +17,7 @@ from pool import (
     NonRetryableError,
     PoolClosedError,
     QueueFullError,
+    RetryPolicy,
 )
 from tests.pool.conftest import PoolFactory, msg
 
@@ -307,3 +308,31 @@ def test_invalid_sizes_are_refused(pool_factory: PoolFactory) -> None:
         pool_factory(handler, capacity=0)
     with pytest.raises(TypeError, match="callable"):
         pool_factory("not a function")
+
+
+async def test_a_failing_event_in_backoff_does_not_block_other_aggregates(
+    pool_factory: PoolFactory, pool_kind: str
+) -> None:
+    """While a failing event waits out its retry backoff, its executor serves
+    other aggregates; the failing aggregate's later events wait behind it."""
+    order: list[str] = []
+    fails = {"p:0": 2}  # p's first event fails twice, then succeeds
+
+    async def handler(m: Message) -> None:
+        key = f"{m.aggregate_id}:{m.offset}"
+        if fails.get(key, 0) > 0:
+            fails[key] -= 1
+            raise RuntimeError("transient")
+        order.append(key)
+
+    retry = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=0.2, jitter=0.0)
+    kw = {"max_restarts": 100} if pool_kind == "actor" else {}
+    async with pool_factory(handler, size=1, capacity=10, retry=retry, **kw) as pool:
+        p0 = await pool.submit(msg("p", 0))
+        h = [await pool.submit(msg("h", i)) for i in range(1, 4)]
+        p4 = await pool.submit(msg("p", 4))
+        await asyncio.wait_for(asyncio.gather(*h), 0.15)  # well inside one backoff
+        assert not p0.done(), "the failing event is still waiting for its retry"
+        assert pool.depth(0) == 2  # p:0 parked, p:4 deferred behind it
+        assert await asyncio.wait_for(asyncio.gather(p0, p4), 5) == [None, None]
+    assert order == ["h:1", "h:2", "h:3", "p:0", "p:4"]
