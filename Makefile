@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test lint fmt typecheck protos protos-check bench bench-e2e rules-check image check clean
+.PHONY: venv run test lint fmt typecheck protos protos-check bench bench-e2e reliability rules-check image check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(STAMP)
 ## End to end through the embedded broker: plain loop, per-partition wait, keyed, actor.
 bench-e2e: $(STAMP)
 	$(BIN)/python bench/e2e_bench.py
+
+## Fault, load and bad-input campaigns against the real service; writes docs/reliability.md.
+reliability: $(STAMP)
+	$(BIN)/python bench/reliability.py $(ARGS)
 
 ## promtool checks and unit tests of the alert and recording rules.
 rules-check: $(STAMP)
