@@ -1,7 +1,8 @@
 """In-process pool throughput, against a raw asyncio floor measured in the same run.
 
     .venv/bin/python bench/pool_bench.py [--events 1000000] [--aggregates 10000]
-        [--executors 256] [--repeat 3] [--json bench/results/pool_bench.json] [--uvloop]
+        [--executors 256] [--repeat 3] [--json bench/results/pool_bench.json]
+        [--loop uvloop|asyncio]
 
 For each handler (no-op, and one that awaits 1 ms) it runs:
 
@@ -23,12 +24,14 @@ the best of ``--repeat`` interleaved rounds (default 3). Ratios to the raw
 floor of the same run are what to compare across machines.
 It also reports the memory each queued event costs (tracemalloc, blocked pool).
 
-Every variant, the raw floor included, runs under the cyclic-GC settings the
-service runs with (``_tune_gc`` in ``server/__main__.py``: ``gc.freeze()`` and
-thresholds ``(50_000, 20, 10)``); the pre-built event list is frozen with the
-start-up objects, as it is no part of the event flow. Under the interpreter's
-default thresholds a young collection every 700 allocations dominates every
-variant, which is neither fair to the floor nor what the service sees.
+Every variant runs on the event loop the service runs on (uvloop; ``--loop
+asyncio`` for the standard one) and, the raw floor included, under the cyclic-
+GC settings the service runs with (``_tune_gc`` in ``server/__main__.py``:
+``gc.freeze()`` and thresholds ``(50_000, 20, 10)``); the pre-built event list
+is frozen with the start-up objects, as it is no part of the event flow. Under
+the interpreter's default thresholds a young collection every 700 allocations
+dominates every variant, which is neither fair to the floor nor what the
+service sees.
 """
 
 from __future__ import annotations
@@ -307,7 +310,12 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="rounds per variant; the best one counts"
     )
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop if installed")
+    parser.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="event loop; uvloop is what pool-server runs on (default)",
+    )
     parser.add_argument(
         "--json", type=Path, default=Path("bench/results/pool_bench.json"), help="output file"
     )
@@ -317,8 +325,9 @@ def main() -> None:
         f"{args.executors} executors x {args.capacity}, Python {platform.python_version()}",
         flush=True,
     )
-    if args.uvloop:
-        import uvloop  # type: ignore[import-not-found]
+    print(f"event loop: {args.loop}", flush=True)
+    if args.loop == "uvloop":
+        import uvloop
 
         report = uvloop.run(main_async(args))
     else:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import prometheus_client
 import structlog
@@ -41,9 +43,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # by the dashboard and the rules.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
-        return asyncio.run(run(settings))
+        return run_loop(run(settings))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop where it is installed, else on asyncio's loop.
+
+    ``POOL_EVENT_LOOP=asyncio`` forces the standard loop (debugging, comparison).
+    """
+    if os.environ.get("POOL_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def run(settings: Settings) -> int:
