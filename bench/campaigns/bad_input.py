@@ -331,13 +331,13 @@ def random_cases(count: int, seed_: int) -> list[Case]:
 # ----------------------------------------------------------------- producing
 
 
-class _RawName(str):
+class RawName(str):
     """A header name whose wire bytes are not UTF-8 (no Python producer can send
     one otherwise; Java and librdkafka clients can)."""
 
     raw: bytes
 
-    def __new__(cls, raw: bytes) -> _RawName:
+    def __new__(cls, raw: bytes) -> RawName:
         obj = super().__new__(cls, raw.decode("latin-1"))
         obj.raw = raw
         return obj
@@ -347,7 +347,7 @@ class _RawName(str):
 
 
 @contextlib.contextmanager
-def _python_record_builder() -> Iterator[None]:
+def python_record_builder() -> Iterator[None]:
     """Use aiokafka's pure-Python batch builder (it calls ``name.encode()``)."""
     import aiokafka.producer.message_accumulator as accumulator
     import aiokafka.producer.producer as producer_mod
@@ -366,7 +366,7 @@ def _python_record_builder() -> Iterator[None]:
 async def produce_cases(bootstrap: str, topic: str, cases: Sequence[Case]) -> list[int]:
     """Send every case to partition 0, in order; returns their offsets."""
     raw = any(c.raw_header_names for c in cases)
-    with _python_record_builder() if raw else contextlib.nullcontext():
+    with python_record_builder() if raw else contextlib.nullcontext():
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             enable_idempotence=False,
@@ -377,7 +377,7 @@ async def produce_cases(bootstrap: str, topic: str, cases: Sequence[Case]) -> li
         try:
             offsets = []
             for c in cases:
-                headers = [(_RawName(k) if isinstance(k, bytes) else k, v) for k, v in c.headers]
+                headers = [(RawName(k) if isinstance(k, bytes) else k, v) for k, v in c.headers]
                 meta = await producer.send_and_wait(
                     topic, c.value, key=c.key, partition=0, headers=headers
                 )

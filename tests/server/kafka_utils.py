@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+# One copy, shared with the reliability campaigns.
+from bench.campaigns._harness import committed_offsets as committed_offsets
 
 
 def envelope(aggregate_id: str, seq: int, **extra: object) -> bytes:
@@ -66,20 +69,6 @@ def aggregate_events(
             agg = f"{prefix}-{i}"
             out.append((i % partitions, agg.encode(), envelope(agg, seq)))
     return out
-
-
-async def committed_offsets(
-    bootstrap: str, group_id: str, topic: str, partitions: int
-) -> dict[int, int | None]:
-    """What ``group_id`` has committed on each partition, read through a consumer."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
-    finally:
-        await consumer.stop()
 
 
 async def read_all(

@@ -4,14 +4,9 @@ made every fetch of its partition fail and the service exit."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
-import aiokafka.producer.message_accumulator as accumulator
-import aiokafka.producer.producer as producer_mod
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.record import default_records
 
+from bench.campaigns.bad_input import RawName, python_record_builder
 from server._broker import EmbeddedBroker
 from server._records import LenientMemoryRecords, install
 from server._service import Service
@@ -22,35 +17,9 @@ from tests.server.recording_handler import MemoryRecorder
 from tests.server.test_service import service_settings
 
 
-class RawName(str):
-    """A header name whose wire bytes are ``raw`` (aiokafka's Python builder calls encode())."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawName:
-        obj = super().__new__(cls, raw.decode("latin-1"))
-        obj.raw = raw
-        return obj
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:  # type: ignore[override]
-        return self.raw
-
-
-@contextlib.contextmanager
-def python_builder() -> Iterator[None]:
-    py = default_records._DefaultRecordBatchBuilderPy
-    saved = accumulator.DefaultRecordBatchBuilder, producer_mod.DefaultRecordBatchBuilder
-    accumulator.DefaultRecordBatchBuilder = py  # type: ignore[misc]
-    producer_mod.DefaultRecordBatchBuilder = py  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        accumulator.DefaultRecordBatchBuilder, producer_mod.DefaultRecordBatchBuilder = saved  # type: ignore[misc]
-
-
 async def _produce_batch(bootstrap: str, topic: str, bad_at: set[int], count: int) -> None:
     """``count`` envelopes in one batch; those in ``bad_at`` carry a non-UTF-8 header name."""
-    with python_builder():
+    with python_record_builder():
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
         await producer.start()
         try:
