@@ -7,7 +7,8 @@ options, return the protobuf response messages of
 
 Retries: reads, and mutating calls — which always carry a request ID (one is
 generated when none is given, and reused on every retry, so the server applies
-the call once) — are retried on ``UNAVAILABLE`` with exponential backoff.
+the call once) — are retried on ``UNAVAILABLE`` (and server-sent ``CANCELLED``,
+which a call racing a server stop can get) with exponential backoff.
 """
 
 from __future__ import annotations
@@ -124,9 +125,17 @@ class ClientTls:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+#: Codes a call is retried on (reads, and mutations carrying a request ID, so a
+#: retry is applied once). CANCELLED comes from the server only when a call
+#: arrives while it stops (grpc cancels calls caught mid-arrival); a caller's own
+#: cancellation raises ``asyncio.CancelledError`` and is never retried.
+RETRIED_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
 @dataclass(frozen=True, slots=True)
 class RetryOptions:
-    """Retries on UNAVAILABLE for reads and request-ID'd mutations."""
+    """Retries on UNAVAILABLE (and server-sent CANCELLED) for reads and
+    request-ID'd mutations."""
 
     attempts: int = 3
     initial_backoff: float = 0.1
@@ -252,7 +261,7 @@ class AsyncPoolControlClient(_Base):
             try:
                 return await call(request, timeout=self._timeout(timeout), metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNAVAILABLE or attempt == attempts:
+                if exc.code() not in RETRIED_CODES or attempt == attempts:
                     raise _error(exc, self.target) from None
             await asyncio.sleep(self.retry.backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -476,7 +485,7 @@ class PoolControlClient(_Base):
             try:
                 return call(request, timeout=self._timeout(timeout), metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNAVAILABLE or attempt == self.retry.attempts:
+                if exc.code() not in RETRIED_CODES or attempt == self.retry.attempts:
                     raise _error(exc, self.target) from None
             time.sleep(self.retry.backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
