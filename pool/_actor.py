@@ -6,9 +6,17 @@ actor has crashed: its supervisor counts a restart, rebuilds the actor's state,
 and retries the event that crashed it after a backoff, during which the actor
 serves its other aggregates while the crashing aggregate's later events wait
 behind it, in order. When the retry policy gives up the event
-becomes a dead letter; when the restart budget for the window is spent the
-supervisor escalates (dead letter at once, metric, log) and the actor goes on
-serving its other aggregates. Nothing a handler does can stop the process.
+becomes a dead letter.
+
+The restart budget detects a crash loop: it counts the restarts within a
+sliding window since the actor last handled an event successfully (any
+success makes it whole again). When it is spent (the actor keeps crashing
+and handles nothing), the supervisor escalates: every crash is a dead letter
+at once (``restart-budget-exhausted``) with a metric, and one WARNING log when
+the actor starts escalating. The actor goes on serving its other aggregates.
+A handler that fails on some events only (a failure rate, not a loop) never
+spends the budget: each failing event gets the retry policy, as in the keyed
+pool. Nothing a handler does can stop the process.
 """
 
 from __future__ import annotations
@@ -33,12 +41,17 @@ ActorFactory = Callable[[int], Handler]
 class _Actor:
     """What the supervisor keeps per actor besides its inbox."""
 
-    __slots__ = ("budget", "handler", "restarts")
+    __slots__ = ("budget", "escalating", "handled_at_crash", "handler", "restarts")
 
     def __init__(self, handler: Handler, budget: RestartBudget) -> None:
         self.handler = handler
         self.budget = budget
         self.restarts = 0
+        # Events the actor had handled at its last crash: more now means it
+        # made progress since, and the budget is whole again.
+        self.handled_at_crash = 0
+        # The budget is spent: crashes are dead-lettered at once (logged once).
+        self.escalating = False
 
 
 class ActorPool(BasePool):
@@ -83,6 +96,10 @@ class ActorPool(BasePool):
         index = ex.index
         actor = self._actors[index]
         now = self._clock()
+        handled = ex.finished - ex.dead_letters
+        if handled != actor.handled_at_crash:
+            actor.handled_at_crash = handled
+            actor.budget.reset()
         allowed = actor.budget.try_restart(now)
         actor.restarts += 1
         self._metrics.actor_restarted(index)
@@ -94,16 +111,29 @@ class ActorPool(BasePool):
             else:
                 actor.handler = handler
                 ex.run = self._new_runner(handler)
-        # DEBUG per restart (a poison storm must not flood the log at INFO);
-        # an escalation is a WARNING.
-        (log.debug if allowed else log.warning)(
-            "pool.actor_restarted",
-            executor=index,
-            error_type=type(error).__qualname__,
-            restarts_in_window=actor.budget.used(now),
-            budget=actor.budget.max_restarts,
-            escalated=not allowed,
-        )
+        # DEBUG per restart (a poison storm must not flood the log); a WARNING
+        # when the actor starts escalating (each dead letter is logged anyway).
+        if allowed:
+            actor.escalating = False
+        if allowed or actor.escalating:
+            log.debug(
+                "pool.actor_restarted",
+                executor=index,
+                error_type=type(error).__qualname__,
+                restarts_in_window=actor.budget.used(now),
+                budget=actor.budget.max_restarts,
+                escalated=not allowed,
+            )
+        else:
+            actor.escalating = True
+            log.warning(
+                "pool.actor_escalating",
+                executor=index,
+                error_type=type(error).__qualname__,
+                restarts_in_window=actor.budget.used(now),
+                budget=actor.budget.max_restarts,
+                window_s=actor.budget.window,
+            )
         return allowed
 
 

@@ -39,6 +39,7 @@ class _Executor:
     """One worker/actor: a bounded FIFO and the bookkeeping around it."""
 
     __slots__ = (
+        "dead_letters",
         "drain_targets",
         "finished",
         "held",
@@ -71,6 +72,8 @@ class _Executor:
         self.space_waiters: deque[asyncio.Future[None]] = deque()
         self.submitted = 0
         self.finished = 0
+        # Events finished as dead letters: ``finished - dead_letters`` were handled.
+        self.dead_letters = 0
         # (target finished count, drain waiter) pairs: see BasePool.drain.
         self.drain_targets: list[tuple[int, _DrainWaiter]] = []
         self.task: asyncio.Task[None] | None = None
@@ -483,6 +486,7 @@ class BasePool:
         attempts: int,
     ) -> DeadLetter:
         self._metrics.dead_letter(index, reason.value)
+        self._executors[index].dead_letters += 1
         dead = DeadLetter.from_exception(
             message,
             reason,

@@ -53,7 +53,9 @@ class RestartBudget:
     restart and returns True while the budget allows it, False once it is
     spent (the supervisor then escalates instead of retrying). Restarts older
     than the window stop counting, so a long-lived actor is not condemned by
-    old failures.
+    old failures; ``reset()`` forgets them all (the actor pool calls it when
+    an actor has handled an event since its last crash: the budget detects a
+    crash loop, not a failure rate).
     """
 
     __slots__ = ("_times", "max_restarts", "window")
@@ -78,6 +80,10 @@ class RestartBudget:
             return False
         self._times.append(now)
         return True
+
+    def reset(self) -> None:
+        """Forget every counted restart: the budget is whole again."""
+        self._times.clear()
 
     def used(self, now: float) -> int:
         """Restarts counted in the window ending at ``now``."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import structlog
+
 from pool import ActorPool, DeadLetterReason, Message, RetryPolicy
 from tests.pool.conftest import FAST_RETRY, msg
 
@@ -76,7 +78,7 @@ async def test_each_actor_has_its_own_state_rebuilt_on_restart() -> None:
     assert metrics.dead == [(idx, "retries-exhausted")]
 
 
-async def test_spent_budget_escalates_and_the_actor_keeps_serving() -> None:
+async def test_a_crash_loop_spends_the_budget_and_escalates_once_logged() -> None:
     now = [0.0]
     handled: list[str] = []
 
@@ -93,27 +95,62 @@ async def test_spent_budget_escalates_and_the_actor_keeps_serving() -> None:
         retry=RetryPolicy(max_attempts=5, initial_backoff=0.001, jitter=0.0),
         clock=lambda: now[0],
     )
-    async with pool:
-        first = await pool.submit(msg("poison", 0))
-        healthy = await pool.submit(msg("ok", 1))
-        second = await pool.submit(msg("poison", 2))
-        d1, h, d2 = await asyncio.wait_for(asyncio.gather(first, healthy, second), 5)
-        # Two restarts allowed, the third failure escalates.
-        assert d1 is not None
-        assert d1.reason is DeadLetterReason.RESTART_BUDGET_EXHAUSTED
-        assert d1.attempts == 3
-        assert h is None
-        # Still within the window: the next crash escalates at once.
-        assert d2 is not None
-        assert d2.reason is DeadLetterReason.RESTART_BUDGET_EXHAUSTED
-        assert d2.attempts == 1
-        # The window slides: restarts are allowed again later.
-        now[0] = 61.0
-        d3 = await asyncio.wait_for(await pool.submit(msg("poison", 3)), 5)
-        assert d3 is not None
-        assert d3.attempts == 3
-    assert handled == ["ok:1"]
+    with structlog.testing.capture_logs() as logs:
+        async with pool:
+            # Nothing succeeds between the crashes: two restarts, the third escalates.
+            d1 = await asyncio.wait_for(await pool.submit(msg("poison", 0)), 5)
+            assert d1 is not None
+            assert d1.reason is DeadLetterReason.RESTART_BUDGET_EXHAUSTED
+            assert d1.attempts == 3
+            # Still within the window and still nothing handled: at once.
+            d2 = await asyncio.wait_for(await pool.submit(msg("poison", 1)), 5)
+            assert d2 is not None
+            assert d2.reason is DeadLetterReason.RESTART_BUDGET_EXHAUSTED
+            assert d2.attempts == 1
+            # The window slides: restarts are allowed again later.
+            now[0] = 61.0
+            d3 = await asyncio.wait_for(await pool.submit(msg("poison", 2)), 5)
+            assert d3 is not None
+            assert d3.attempts == 3
+            # The actor kept serving its other aggregates all along.
+            assert await asyncio.wait_for(await pool.submit(msg("ok", 3)), 5) is None
+    assert handled == ["ok:3"]
     assert pool.restarts == 3 + 1 + 3
+    escalations = [e for e in logs if e["event"] == "pool.actor_escalating"]
+    # One WARNING per escalation streak (two: before and after the window slid),
+    # not one per dead-lettered crash.
+    assert [e["log_level"] for e in escalations] == ["warning", "warning"]
+
+
+async def test_a_success_makes_the_budget_whole_so_a_failure_rate_is_retried() -> None:
+    """Failures among successes are not a crash loop: the failing event gets the
+    whole retry policy, never ``restart-budget-exhausted``."""
+    handled: list[int] = []
+
+    async def handler(m: Message) -> None:
+        if m.aggregate_id == "poison":
+            raise RuntimeError("always")
+        await asyncio.sleep(0.002)
+        handled.append(m.offset)
+
+    pool = ActorPool(
+        handler,
+        size=1,
+        max_restarts=1,  # without the reset, the second crash would escalate
+        retry=RetryPolicy(max_attempts=3, initial_backoff=0.001, jitter=0.0),
+    )
+    async with pool:
+        poison = await pool.submit(msg("poison", 0))
+        # Healthy events run while the poison event waits out its backoffs, so
+        # the actor handles something between each of its crashes.
+        healthy = [await pool.submit(msg(f"ok-{i}", i + 1)) for i in range(50)]
+        dead = await asyncio.wait_for(poison, 5)
+        assert await asyncio.wait_for(asyncio.gather(*healthy), 5) == [None] * 50
+    assert dead is not None
+    assert dead.reason is DeadLetterReason.RETRIES_EXHAUSTED
+    assert dead.attempts == 3
+    assert pool.restarts == 3
+    assert sorted(handled) == list(range(1, 51))
 
 
 async def test_restart_storm_keeps_inbox_order_behind_the_crashing_event() -> None:

@@ -44,5 +44,13 @@ def test_restart_budget_counts_within_a_sliding_window() -> None:
     assert budget.used(100.0) == 1
 
 
+def test_reset_makes_the_budget_whole() -> None:
+    budget = RestartBudget(max_restarts=2, window=10.0)
+    assert [budget.try_restart(t) for t in (0.0, 1.0, 2.0)] == [True, True, False]
+    budget.reset()
+    assert budget.used(2.0) == 0
+    assert [budget.try_restart(t) for t in (3.0, 4.0, 5.0)] == [True, True, False]
+
+
 def test_zero_budget_always_escalates() -> None:
     assert RestartBudget(max_restarts=0).try_restart(0.0) is False
