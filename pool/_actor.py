@@ -8,15 +8,17 @@ serves its other aggregates while the crashing aggregate's later events wait
 behind it, in order. When the retry policy gives up the event
 becomes a dead letter.
 
-The restart budget detects a crash loop: it counts the restarts within a
-sliding window since the actor last handled an event successfully (any
-success makes it whole again). When it is spent (the actor keeps crashing
-and handles nothing), the supervisor escalates: every crash is a dead letter
-at once (``restart-budget-exhausted``) with a metric, and one WARNING log when
-the actor starts escalating. The actor goes on serving its other aggregates.
-A handler that fails on some events only (a failure rate, not a loop) never
-spends the budget: each failing event gets the retry policy, as in the keyed
-pool. Nothing a handler does can stop the process.
+The restart budget detects a crash loop. The retry policy bounds how often
+one event may crash the actor; the budget bounds how many *events* in a row
+may crash it: each event's first crash is charged, within a sliding window,
+and an event handled successfully makes the budget whole again. When it is
+spent (event after event crashes the actor and none is handled) the
+supervisor escalates: each newly crashing event is a dead letter at once
+(``restart-budget-exhausted``) with its metric, and one WARNING log marks the
+start of the streak. The actor goes on serving its other aggregates. A
+handler that fails on some events among successes (a failure rate, not a
+loop) does not spend the budget: each failing event gets the whole retry
+policy, as in the keyed pool. Nothing a handler does can stop the process.
 """
 
 from __future__ import annotations
@@ -91,16 +93,15 @@ class ActorPool(BasePool):
     def actor_restarts(self, index: int) -> int:
         return self._actors[index].restarts
 
-    def _on_crash(self, ex: _Executor, error: BaseException) -> bool:
-        """The supervisor: count the restart, rebuild the actor's state; False = escalate."""
+    def _on_crash(self, ex: _Executor, error: BaseException, attempts: int) -> bool:
+        """The supervisor: count the restart, rebuild the actor's state; False = escalate.
+
+        Only an event's first crash is charged to the budget: the retry policy
+        bounds how often one event may crash the actor, the budget how many
+        events in a row may crash it without one handled in between.
+        """
         index = ex.index
         actor = self._actors[index]
-        now = self._clock()
-        handled = ex.finished - ex.dead_letters
-        if handled != actor.handled_at_crash:
-            actor.handled_at_crash = handled
-            actor.budget.reset()
-        allowed = actor.budget.try_restart(now)
         actor.restarts += 1
         self._metrics.actor_restarted(index)
         if self._factory is not None:
@@ -111,17 +112,25 @@ class ActorPool(BasePool):
             else:
                 actor.handler = handler
                 ex.run = self._new_runner(handler)
-        # DEBUG per restart (a poison storm must not flood the log); a WARNING
+        if attempts > 1:
+            return True
+        now = self._clock()
+        budget = actor.budget
+        handled = ex.finished - ex.dead_letters
+        if handled != actor.handled_at_crash:  # progress since the last crash
+            actor.handled_at_crash = handled
+            budget.reset()
+        allowed = budget.try_restart(now)
+        # DEBUG per restart (a poison storm must not flood the log); one WARNING
         # when the actor starts escalating (each dead letter is logged anyway).
-        if allowed:
-            actor.escalating = False
         if allowed or actor.escalating:
+            actor.escalating = not allowed
             log.debug(
                 "pool.actor_restarted",
                 executor=index,
                 error_type=type(error).__qualname__,
-                restarts_in_window=actor.budget.used(now),
-                budget=actor.budget.max_restarts,
+                charged=budget.used(now),
+                budget=budget.max_restarts,
                 escalated=not allowed,
             )
         else:
@@ -130,9 +139,9 @@ class ActorPool(BasePool):
                 "pool.actor_escalating",
                 executor=index,
                 error_type=type(error).__qualname__,
-                restarts_in_window=actor.budget.used(now),
-                budget=actor.budget.max_restarts,
-                window_s=actor.budget.window,
+                charged=budget.used(now),
+                budget=budget.max_restarts,
+                window_s=budget.window,
             )
         return allowed
 

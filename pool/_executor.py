@@ -133,6 +133,7 @@ class BasePool:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        log_dead_letters: bool = True,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -156,6 +157,9 @@ class BasePool:
         self._clock = clock
         self._wall_clock = wall_clock
         self._rand = rand
+        # False when a finish listener logs each dead letter itself (the service's
+        # sink logs it once published, with its ID): one line per dead letter.
+        self._log_dead_letters = log_dead_letters
         self._router = Router(size)
         self._route_memo = self._router.memo
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -389,8 +393,9 @@ class BasePool:
             if ex.drain_targets:
                 self._check_drain(ex)
 
-    def _on_crash(self, ex: _Executor, error: BaseException) -> bool:
-        """React to a handler failure; False escalates (dead letter at once)."""
+    def _on_crash(self, ex: _Executor, error: BaseException, attempts: int) -> bool:
+        """React to the ``attempts``-th failure of an event; False escalates
+        (dead letter at once)."""
         return True
 
     def _after_failure(
@@ -404,7 +409,7 @@ class BasePool:
             return self._dead_letter(
                 index, message, DeadLetterReason.NON_RETRYABLE, error, attempts
             )
-        if not self._on_crash(ex, error):
+        if not self._on_crash(ex, error, attempts):
             return self._dead_letter(
                 index, message, DeadLetterReason.RESTART_BUDGET_EXHAUSTED, error, attempts
             )
@@ -496,7 +501,7 @@ class BasePool:
             executor=index,
             time=self._wall_clock(),
         )
-        log.warning(
+        (log.warning if self._log_dead_letters else log.debug)(
             "pool.dead_letter",
             mode=self._mode.value,
             executor=index,

@@ -136,6 +136,8 @@ class Service:
             "retry": retry,
             "handler_timeout": s.pool.handler_timeout_s,
             "handler_threads": s.pool.handler_threads,
+            # The dead-letter sink logs each one once published (with its ID).
+            "log_dead_letters": False,
         }
         keyed = KeyedWorkerPool(
             handler,
