@@ -5,7 +5,8 @@ configured by the environment of that process:
 
 - ``RECORD_FILE`` (required): one line per event handled, ``H,pid,partition,
   offset,aggregate_id,seq,sent_ns,start_ns,end_ns``, and one per failed
-  attempt, ``F,pid,partition,offset,aggregate_id,seq,attempt,reason``. Each
+  attempt, ``F,pid,partition,offset,aggregate_id,seq,attempt,reason,at_ns``
+  (``at_ns``: ``time.monotonic_ns()``, the pool's clock). Each
   line is one ``os.write`` on an ``O_APPEND`` descriptor: a kill -9 loses
   nothing already reported handled and lines of several processes never
   interleave.
@@ -53,7 +54,7 @@ def _fail(message: Message, seq: object, reason: str) -> int:
     _attempts[key] = attempt
     _write(
         f"F,{os.getpid()},{message.partition},{message.offset},{message.aggregate_id},"
-        f"{seq},{attempt},{reason}\n"
+        f"{seq},{attempt},{reason},{time.monotonic_ns()}\n"
     )
     return attempt
 

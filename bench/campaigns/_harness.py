@@ -49,6 +49,7 @@ __all__ = [
     "ROOT",
     "Accounting",
     "CampaignEnv",
+    "Failure",
     "Handled",
     "ServiceProcess",
     "SteadyProducer",
@@ -62,6 +63,7 @@ __all__ = [
     "percentile",
     "read_failures",
     "read_records",
+    "read_timeline",
     "read_topic",
     "result",
     "scrape_metrics",
@@ -126,6 +128,7 @@ class Failure:
     seq: int
     attempt: int
     reason: str
+    at_ns: int
 
 
 def _lines(path: Path) -> list[list[str]]:
@@ -137,21 +140,31 @@ def _lines(path: Path) -> list[list[str]]:
     return [line.split(",") for line in data[: data.rfind("\n") + 1].splitlines()]
 
 
+def _handled(f: list[str]) -> Handled:
+    return Handled(int(f[1]), int(f[2]), int(f[3]), f[4], *(int(x) for x in f[5:9]))
+
+
+def _failure(f: list[str]) -> Failure:
+    return Failure(int(f[1]), int(f[2]), int(f[3]), f[4], int(f[5]), int(f[6]), f[7], int(f[8]))
+
+
 def read_records(path: Path) -> list[Handled]:
     """Every handled event in the record file, in the order they finished."""
-    return [
-        Handled(int(f[1]), int(f[2]), int(f[3]), f[4], *(int(x) for x in f[5:9]))
-        for f in _lines(path)
-        if len(f) == 9 and f[0] == "H"
-    ]
+    return [_handled(f) for f in _lines(path) if len(f) == 9 and f[0] == "H"]
 
 
 def read_failures(path: Path) -> list[Failure]:
     """Every failed attempt in the record file."""
+    return [_failure(f) for f in _lines(path) if len(f) == 9 and f[0] == "F"]
+
+
+def read_timeline(path: Path) -> list[Handled | Failure]:
+    """Every handled event and failed attempt, in the order they happened
+    (one process: the record file is appended from its event loop)."""
     return [
-        Failure(int(f[1]), int(f[2]), int(f[3]), f[4], int(f[5]), int(f[6]), f[7])
+        _handled(f) if f[0] == "H" else _failure(f)
         for f in _lines(path)
-        if len(f) == 8 and f[0] == "F"
+        if len(f) == 9 and f[0] in ("H", "F")
     ]
 
 

@@ -10,7 +10,9 @@ from bench.campaigns.poison_storm import run_mode
 NAME = "poison_storm_actor"
 DESCRIPTION = (
     "The poison storm (5 % permanent, 5 % transient failures) with the service in "
-    "ACTOR mode and the default supervision (restart budget 3 per 60 s per actor)."
+    "ACTOR mode and the default supervision (restart budget 3 per 60 s per actor); "
+    "the events the budget escalates must be exactly those an independent model of "
+    "it predicts."
 )
 ORDER = 5
 TIMEOUT_S = 600

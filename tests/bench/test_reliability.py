@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench import reliability
 from bench.campaigns import poison_storm, switch_storm
-from bench.campaigns._harness import Handled, TopicRecord, account, read_records
+from bench.campaigns._harness import Failure, Handled, TopicRecord, account, read_records
 
 
 def _truth(*events: tuple[int, int, str, str | None]) -> list[TopicRecord]:
@@ -157,3 +157,35 @@ async def test_poison_storm_quick_transients_succeed_and_permanents_are_dead_let
     assert d["dead_letters_on_topic"] == d["permanent_events"]
     assert d["dead_letter_reasons"] == {"retries-exhausted": d["permanent_events"]}
     assert d["exit_code"] == 0
+
+
+def _f(o: int, agg: str, attempt: int, at_s: float) -> Failure:
+    return Failure(1, 0, o, agg, o, attempt, "always", int(at_s * 1e9))
+
+
+def test_the_restart_budget_model_escalates_crash_streaks_only() -> None:
+    timeline = [
+        # Three events in a row crash the actor (their retries are not charged) ...
+        _f(0, "a", 1, 0.0),
+        _f(0, "a", 2, 0.1),
+        _f(1, "b", 1, 0.2),
+        _f(2, "c", 1, 0.3),
+        _f(2, "c", 3, 0.4),
+        # ... so the fourth escalates, and the fifth.
+        _f(3, "d", 1, 0.5),
+        _f(4, "a", 1, 0.6),
+        # A handled event clears the charges: the next three are charged again.
+        _h(1, 0, 5, "b", 0, 1),
+        _f(6, "a", 1, 1.0),
+        _f(7, "b", 1, 1.1),
+        _f(8, "c", 1, 1.2),
+        _f(9, "d", 1, 1.3),
+        # The window slides: charges older than 10 s stop counting.
+        _f(10, "a", 1, 11.15),
+        _f(11, "a", 1, 11.16),
+    ]
+    got = poison_storm.expected_escalations(timeline, actors=1, max_restarts=3, window_s=10.0)
+    assert got == {(0, 3), (0, 4), (0, 9)}
+    # Without the window sliding, the last two would escalate as well.
+    longer = poison_storm.expected_escalations(timeline, actors=1, max_restarts=3, window_s=60.0)
+    assert longer == got | {(0, 10), (0, 11)}
