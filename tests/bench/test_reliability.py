@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from bench import reliability
-from bench.campaigns import poison_storm, switch_storm
+from bench.campaigns import poison_storm, poison_storm_actor, switch_storm
 from bench.campaigns._harness import Failure, Handled, TopicRecord, account, read_records
 
 
@@ -189,3 +189,20 @@ def test_the_restart_budget_model_escalates_crash_streaks_only() -> None:
     # Without the window sliding, the last two would escalate as well.
     longer = poison_storm.expected_escalations(timeline, actors=1, max_restarts=3, window_s=60.0)
     assert longer == got | {(0, 10), (0, 11)}
+
+
+async def test_poison_storm_actor_quick_escalates_exactly_what_the_budget_model_predicts() -> None:
+    async with asyncio.timeout(90):
+        res = await poison_storm_actor.run(quick=True)
+    d = res["details"]
+    assert (res["lost"], res["reordered"], res["duplicated_or_redelivered"]) == (0, 0, 0), res
+    assert d["mode"] == "actor"
+    assert d["permanent_events"] > 100
+    assert d["transient_events"] > 100
+    # Whatever the budget escalated is exactly what the model says it must.
+    assert not [f for f in res.get("failures", []) if "escalation" in f], res["failures"]
+    escalated = d["dead_letter_reasons"].get("restart-budget-exhausted", 0)
+    assert escalated == d["escalations_predicted_by_model"]
+    assert d["transient_handled"] + d["transient_escalated"] == d["transient_events"]
+    assert d["dead_letters_on_topic"] == d["permanent_events"] + d["transient_escalated"]
+    assert d["exit_code"] == 0
