@@ -123,26 +123,17 @@ class ActorPool(BasePool):
         allowed = budget.try_restart(now)
         # DEBUG per restart (a poison storm must not flood the log); one WARNING
         # when the actor starts escalating (each dead letter is logged anyway).
-        if allowed or actor.escalating:
-            actor.escalating = not allowed
-            log.debug(
-                "pool.actor_restarted",
-                executor=index,
-                error_type=type(error).__qualname__,
-                charged=budget.used(now),
-                budget=budget.max_restarts,
-                escalated=not allowed,
-            )
-        else:
-            actor.escalating = True
-            log.warning(
-                "pool.actor_escalating",
-                executor=index,
-                error_type=type(error).__qualname__,
-                charged=budget.used(now),
-                budget=budget.max_restarts,
-                window_s=budget.window,
-            )
+        starts_escalating = not allowed and not actor.escalating
+        actor.escalating = not allowed
+        (log.warning if starts_escalating else log.debug)(
+            "pool.actor_escalating" if starts_escalating else "pool.actor_restarted",
+            executor=index,
+            error_type=type(error).__qualname__,
+            charged=budget.used(now),
+            budget=budget.max_restarts,
+            window_s=budget.window,
+            escalated=not allowed,
+        )
         return allowed
 
 
