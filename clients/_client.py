@@ -127,8 +127,9 @@ class ClientTls:
 
 #: Codes a call is retried on (reads, and mutations carrying a request ID, so a
 #: retry is applied once). CANCELLED comes from the server only when a call
-#: arrives while it stops (grpc cancels calls caught mid-arrival); a caller's own
-#: cancellation raises ``asyncio.CancelledError`` and is never retried.
+#: arrives while it stops (grpc-core cancels calls not yet handed to a handler,
+#: grpc/grpc#41785); a caller's own cancellation raises
+#: ``asyncio.CancelledError`` and is never retried.
 RETRIED_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
