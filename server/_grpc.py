@@ -77,8 +77,6 @@ DEFAULT_TOP: Final = 10
 MAX_TOP: Final = 1000
 DEFAULT_STREAM_BUFFER: Final = 1000
 MAX_STREAM_BUFFER: Final = 100_000
-#: Stream messages of the newest dead letters kept built for the fan-out.
-DL_RESPONSE_CACHE: Final = 1024
 MAX_AGGREGATE_ID: Final = 256
 
 _MODE_TO_PB: Final = {PoolMode.KEYED: pb.POOL_MODE_KEYED, PoolMode.ACTOR: pb.POOL_MODE_ACTOR}
@@ -536,32 +534,10 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         self._stream_buffer = stream_buffer
         self._closing = asyncio.Event()
         self._drains: dict[tuple[str, str], asyncio.Future[pb.DrainResult]] = {}
-        # The wake-up events of the following dead-letter streams (set on shutdown).
-        self._stream_wakes: set[asyncio.Event] = set()
-        # One response message per recent dead letter, shared by every stream
-        # (a dead letter fans out to all following streams).
-        self._dl_responses: collections.OrderedDict[str, pb.StreamDeadLettersResponse] = (
-            collections.OrderedDict()
-        )
 
     def shutdown(self) -> None:
         """End following streams (dead letters) so the server can stop promptly."""
         self._closing.set()
-        for wake in self._stream_wakes:
-            wake.set()
-
-    def _dead_letter_response(self, dead: DeadLetter) -> pb.StreamDeadLettersResponse:
-        """The stream message for ``dead``, built once per recorded dead letter."""
-        if not dead.id:
-            return pb.StreamDeadLettersResponse(dead_letter=dead_letter_to_pb(dead))
-        cache = self._dl_responses
-        response = cache.get(dead.id)
-        if response is None:
-            response = pb.StreamDeadLettersResponse(dead_letter=dead_letter_to_pb(dead))
-            cache[dead.id] = response
-            if len(cache) > DL_RESPONSE_CACHE:
-                cache.popitem(last=False)
-        return response
 
     # ---------------------------------------------------------- reads
     async def GetStatus(
@@ -791,12 +767,11 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         unsubscribe = (
             self._target.subscribe_dead_letters(on_dead_letter) if request.follow else None
         )
-        self._stream_wakes.add(wake)
         try:
             backlog = self._target.select_dead_letters(dl_filter, request.backlog_limit or None)
             sent_ids = {d.id for d in backlog if d.id}
             for dead in backlog:
-                yield self._dead_letter_response(dead)
+                yield pb.StreamDeadLettersResponse(dead_letter=dead_letter_to_pb(dead))
             yield pb.StreamDeadLettersResponse(backlog_end=pb.BacklogEnd(count=len(backlog)))
             if unsubscribe is None:
                 return
@@ -812,12 +787,17 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
                     if dead.id and dead.id in sent_ids:
                         sent_ids.discard(dead.id)  # recorded between subscribe and backlog
                         continue
-                    yield self._dead_letter_response(dead)
+                    yield pb.StreamDeadLettersResponse(dead_letter=dead_letter_to_pb(dead))
                     continue
                 wake.clear()
-                await wake.wait()  # a dead letter, or shutdown() (sets every wake)
+                closing = asyncio.create_task(self._closing.wait(), name="control-dl-closing")
+                woken = asyncio.create_task(wake.wait(), name="control-dl-wake")
+                try:
+                    await asyncio.wait({closing, woken}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    closing.cancel()
+                    woken.cancel()
         finally:
-            self._stream_wakes.discard(wake)
             if unsubscribe is not None:
                 unsubscribe()
 
