@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/e2e_bench.py [--events 100000] [--partitions 8]
         [--aggregates 1000] [--rate 10000] [--duration 5]
-        [--json bench/results/e2e_bench.json] [--quick]
+        [--json bench/results/e2e_bench.json] [--quick] [--loop uvloop|asyncio]
 
 Four consumers of the same topic and partitions, each in its own consumer
 group reading from the start:
@@ -26,7 +26,8 @@ output). Latency: a separate producer process sends ``--rate`` events/s for
 producer's wall-clock stamp in the payload (same machine), first second
 skipped. Combinations that cannot sustain the rate are marked as such.
 
-The process tunes the cyclic GC as ``pool-server`` does.
+The process tunes the cyclic GC as ``pool-server`` does and runs on its event
+loop (uvloop; ``--loop asyncio`` for the standard one).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import asyncio
 import gc
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import sys
@@ -57,6 +59,7 @@ from pool import (
     PoolSwitch,
     PrometheusPoolMetrics,
 )
+from server.__main__ import run_loop
 from server._broker import EmbeddedBroker
 from server._consumer import ConsumerOptions, EventConsumer
 from server._intake import Decoder
@@ -485,13 +488,22 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="per throughput run")
     p.add_argument("--json", default="bench/results/e2e_bench.json")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    p.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="event loop; uvloop is what pool-server runs on (default)",
+    )
     args = p.parse_args()
     if args.quick:
         args.events, args.duration, args.rate = 5_000, 2.0, 2_000
         CAPS.update({k: min(v, 500) for k, v in CAPS.items()})
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
-    report = asyncio.run(main_async(args))
+    os.environ["POOL_EVENT_LOOP"] = args.loop
+    print(f"event loop: {args.loop}", file=sys.stderr)
+    report = run_loop(main_async(args))
+    report["loop"] = args.loop
     text = table(report)
     print(text)
     path = Path(args.json)

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import prometheus_client
 import structlog
@@ -26,6 +26,8 @@ from server._config import DEFAULT_HANDLER, ConfigError, Settings, load_settings
 from server._demo_producer import DemoProducer
 from server._logging import configure_logging
 from server._service import Endpoints, Service
+
+_T = TypeVar("_T")
 
 log = structlog.get_logger("server.main")
 
@@ -48,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def run_loop(main: Coroutine[Any, Any, int]) -> int:
+def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
     """Run ``main`` on uvloop where it is installed, else on asyncio's loop.
 
     ``POOL_EVENT_LOOP=asyncio`` forces the standard loop (debugging, comparison).
