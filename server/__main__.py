@@ -164,7 +164,7 @@ def _banner(settings: Settings, ep: Endpoints, *, embedded: bool) -> None:
     if ep.metrics_address:
         lines.append(f"  curl -s http://{ep.metrics_address}/metrics | grep kafka_eventbus_")
     if ep.grpc_address:
-        lines.append(f"  .venv/bin/poolctl --address {ep.grpc_address} status")
+        lines.append(f"  .venv/bin/poolctl --target {ep.grpc_address} status")
     lines.append("stop it with Ctrl-C (SIGINT) or SIGTERM: it drains and commits first.")
     sys.stdout.write("\n".join(lines) + "\n\n")
     sys.stdout.flush()
