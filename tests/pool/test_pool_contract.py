@@ -334,5 +334,5 @@ async def test_a_failing_event_in_backoff_does_not_block_other_aggregates(
         await asyncio.wait_for(asyncio.gather(*h), 0.15)  # well inside one backoff
         assert not p0.done(), "the failing event is still waiting for its retry"
         assert pool.depth(0) == 2  # p:0 parked, p:4 deferred behind it
-        assert await asyncio.wait_for(asyncio.gather(p0, p4), 5) == [None, None]
+        assert list(await asyncio.wait_for(asyncio.gather(p0, p4), 5)) == [None, None]
     assert order == ["h:1", "h:2", "h:3", "p:0", "p:4"]

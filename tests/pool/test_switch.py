@@ -250,4 +250,4 @@ def test_switch_checks_its_pools() -> None:
     keyed = KeyedWorkerPool(t.handler("k"), size=1)
     actor = ActorPool(t.handler("a"), size=1)
     with pytest.raises(TypeError):
-        PoolSwitch(actor, keyed)  # type: ignore[arg-type]
+        PoolSwitch(actor, keyed)
