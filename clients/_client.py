@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import grpc
 from actorpool.control.v1 import control_pb2 as pb
@@ -198,6 +198,122 @@ def dead_letter_filter(
     return f
 
 
+def _inbox_depth_request(
+    aggregate_id: str, top: int, pool: str | int | None, omit_executors: bool
+) -> pb.GetInboxDepthRequest:
+    return pb.GetInboxDepthRequest(
+        aggregate_id=aggregate_id,
+        top=top,
+        pool=mode_value(pool) if pool is not None else pb.POOL_MODE_UNSPECIFIED,
+        omit_executors=omit_executors,
+    )
+
+
+def _set_mode_request(
+    mode: str | int, request_id: str | None, wait_timeout: float | None
+) -> pb.SetPoolModeRequest:
+    request = pb.SetPoolModeRequest(
+        mode=mode_value(mode), request_id=request_id or new_request_id()
+    )
+    if wait_timeout is not None:
+        request.wait_timeout.CopyFrom(seconds(wait_timeout))
+    return request
+
+
+def _set_rollout_request(
+    percent: float, request_id: str | None, wait_timeout: float | None
+) -> pb.SetRolloutRequest:
+    request = pb.SetRolloutRequest(percent=percent, request_id=request_id or new_request_id())
+    if wait_timeout is not None:
+        request.wait_timeout.CopyFrom(seconds(wait_timeout))
+    return request
+
+
+_IntakeRequest = TypeVar("_IntakeRequest", pb.PauseRequest, pb.ResumeRequest)
+
+
+def _intake_request(
+    kind: type[_IntakeRequest], partitions: Sequence[Partition] | None, request_id: str | None
+) -> _IntakeRequest:
+    """A ``PauseRequest`` or ``ResumeRequest`` (the same fields)."""
+    return kind(partitions=_partitions(partitions), request_id=request_id or new_request_id())
+
+
+def _partition_list(reply: pb.PauseResponse | pb.ResumeResponse) -> list[Partition]:
+    return [(p.topic, p.partition) for p in reply.partitions]
+
+
+def _drain_request(
+    timeout: float,
+    partitions: Sequence[Partition] | None,
+    resume_after: bool,
+    request_id: str | None,
+) -> pb.DrainRequest:
+    return pb.DrainRequest(
+        timeout=seconds(timeout),
+        partitions=_partitions(partitions),
+        resume_after=resume_after,
+        request_id=request_id or new_request_id(),
+    )
+
+
+class _DrainReader:
+    """One attempt at reading a drain stream: progress goes to the callback,
+    the result is kept; on an error, whether to try the drain again."""
+
+    __slots__ = ("on_progress", "received", "result")
+
+    def __init__(self, on_progress: Callable[[pb.DrainProgress], None] | None) -> None:
+        self.on_progress = on_progress
+        self.received = False
+        self.result: pb.DrainResult | None = None
+
+    def feed(self, message: pb.DrainResponse) -> None:
+        self.received = True
+        if message.HasField("progress"):
+            if self.on_progress is not None:
+                self.on_progress(message.progress)
+        else:
+            self.result = message.result
+
+    def retriable(self, error: ControlClientError, attempt: int, attempts: int) -> bool:
+        """False: raise ``error`` (a timed-out drain's with its partial result).
+        Only a drain that never reported progress is tried again, on UNAVAILABLE."""
+        if isinstance(error, DeadlineError):
+            error.partial = self.result
+            return False
+        return not self.received and isinstance(error, UnavailableError) and attempt < attempts
+
+    def final(self, target: str) -> pb.DrainResult:
+        if self.result is None:
+            raise ControlClientError(
+                grpc.StatusCode.UNKNOWN, "drain stream ended without a result", target
+            )
+        return self.result
+
+
+def _dead_letters_request(
+    follow: bool, filter: pb.DeadLetterFilter | None, backlog_limit: int, buffer_size: int
+) -> pb.StreamDeadLettersRequest:
+    return pb.StreamDeadLettersRequest(
+        filter=filter or pb.DeadLetterFilter(),
+        follow=follow,
+        backlog_limit=backlog_limit,
+        buffer_size=buffer_size,
+    )
+
+
+def _redrive_request(
+    ids: Sequence[str], filter: pb.DeadLetterFilter | None, all: bool, request_id: str | None
+) -> pb.RedriveDeadLettersRequest:
+    request = pb.RedriveDeadLettersRequest(
+        ids=list(ids), all=all, request_id=request_id or new_request_id()
+    )
+    if filter is not None:
+        request.filter.CopyFrom(filter)
+    return request
+
+
 class _Base:
     def __init__(
         self,
@@ -280,12 +396,7 @@ class AsyncPoolControlClient(_Base):
         omit_executors: bool = False,
         timeout: float | None = None,
     ) -> pb.GetInboxDepthResponse:
-        request = pb.GetInboxDepthRequest(
-            aggregate_id=aggregate_id,
-            top=top,
-            pool=mode_value(pool) if pool is not None else pb.POOL_MODE_UNSPECIFIED,
-            omit_executors=omit_executors,
-        )
+        request = _inbox_depth_request(aggregate_id, top, pool, omit_executors)
         return await self._unary("GetInboxDepth", request, timeout)  # type: ignore[no-any-return]
 
     async def health(self, *, timeout: float | None = None) -> str:
@@ -308,11 +419,7 @@ class AsyncPoolControlClient(_Base):
         wait_timeout: float | None = None,
         timeout: float | None = None,
     ) -> pb.SetPoolModeResponse:
-        request = pb.SetPoolModeRequest(
-            mode=mode_value(mode), request_id=request_id or new_request_id()
-        )
-        if wait_timeout is not None:
-            request.wait_timeout.CopyFrom(seconds(wait_timeout))
+        request = _set_mode_request(mode, request_id, wait_timeout)
         return await self._unary("SetPoolMode", request, timeout)  # type: ignore[no-any-return]
 
     async def set_rollout(
@@ -323,9 +430,7 @@ class AsyncPoolControlClient(_Base):
         wait_timeout: float | None = None,
         timeout: float | None = None,
     ) -> pb.SetRolloutResponse:
-        request = pb.SetRolloutRequest(percent=percent, request_id=request_id or new_request_id())
-        if wait_timeout is not None:
-            request.wait_timeout.CopyFrom(seconds(wait_timeout))
+        request = _set_rollout_request(percent, request_id, wait_timeout)
         return await self._unary("SetRollout", request, timeout)  # type: ignore[no-any-return]
 
     async def pause(
@@ -335,11 +440,8 @@ class AsyncPoolControlClient(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> list[Partition]:
-        request = pb.PauseRequest(
-            partitions=_partitions(partitions), request_id=request_id or new_request_id()
-        )
-        reply = await self._unary("Pause", request, timeout)
-        return [(p.topic, p.partition) for p in reply.partitions]
+        request = _intake_request(pb.PauseRequest, partitions, request_id)
+        return _partition_list(await self._unary("Pause", request, timeout))
 
     async def resume(
         self,
@@ -348,11 +450,8 @@ class AsyncPoolControlClient(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> list[Partition]:
-        request = pb.ResumeRequest(
-            partitions=_partitions(partitions), request_id=request_id or new_request_id()
-        )
-        reply = await self._unary("Resume", request, timeout)
-        return [(p.topic, p.partition) for p in reply.partitions]
+        request = _intake_request(pb.ResumeRequest, partitions, request_id)
+        return _partition_list(await self._unary("Resume", request, timeout))
 
     async def drain(
         self,
@@ -365,42 +464,22 @@ class AsyncPoolControlClient(_Base):
     ) -> pb.DrainResult:
         """Drain; returns the final result. Raises :class:`DeadlineError` (with
         ``partial``) when the server's drain timed out."""
-        request = pb.DrainRequest(
-            timeout=seconds(timeout),
-            partitions=_partitions(partitions),
-            resume_after=resume_after,
-            request_id=request_id or new_request_id(),
-        )
+        request = _drain_request(timeout, partitions, resume_after, request_id)
         for attempt in range(1, self.retry.attempts + 1):
-            received = False
-            result: pb.DrainResult | None = None
+            reader = _DrainReader(on_progress)
             try:
                 stream = self._stub.Drain(
                     request, timeout=timeout + DRAIN_GRACE, metadata=self._metadata
                 )
                 async for message in stream:
-                    received = True
-                    if message.HasField("progress"):
-                        if on_progress is not None:
-                            on_progress(message.progress)
-                    else:
-                        result = message.result
+                    reader.feed(message)
             except grpc.aio.AioRpcError as exc:
                 error = _error(exc, self.target)
-                if isinstance(error, DeadlineError):
-                    error.partial = result
-                    raise error from None
-                if received or not isinstance(error, UnavailableError):
-                    raise error from None
-                if attempt == self.retry.attempts:
+                if not reader.retriable(error, attempt, self.retry.attempts):
                     raise error from None
                 await asyncio.sleep(self.retry.backoff(attempt))
                 continue
-            if result is None:
-                raise ControlClientError(
-                    grpc.StatusCode.UNKNOWN, "drain stream ended without a result", self.target
-                )
-            return result
+            return reader.final(self.target)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def dead_letters(
@@ -413,12 +492,7 @@ class AsyncPoolControlClient(_Base):
     ) -> AsyncIterator[pb.StreamDeadLettersResponse]:
         """Stream events: dead letters of the backlog, a ``backlog_end``, then
         (``follow``) live dead letters and ``skipped`` notices. Not retried."""
-        request = pb.StreamDeadLettersRequest(
-            filter=filter or pb.DeadLetterFilter(),
-            follow=follow,
-            backlog_limit=backlog_limit,
-            buffer_size=buffer_size,
-        )
+        request = _dead_letters_request(follow, filter, backlog_limit, buffer_size)
         stream = self._stub.StreamDeadLetters(
             request, timeout=None if follow else self.timeout, metadata=self._metadata
         )
@@ -439,11 +513,7 @@ class AsyncPoolControlClient(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> pb.RedriveDeadLettersResponse:
-        request = pb.RedriveDeadLettersRequest(
-            ids=list(ids), all=all, request_id=request_id or new_request_id()
-        )
-        if filter is not None:
-            request.filter.CopyFrom(filter)
+        request = _redrive_request(ids, filter, all, request_id)
         return await self._unary("RedriveDeadLetters", request, timeout)  # type: ignore[no-any-return]
 
 
@@ -503,12 +573,7 @@ class PoolControlClient(_Base):
         omit_executors: bool = False,
         timeout: float | None = None,
     ) -> pb.GetInboxDepthResponse:
-        request = pb.GetInboxDepthRequest(
-            aggregate_id=aggregate_id,
-            top=top,
-            pool=mode_value(pool) if pool is not None else pb.POOL_MODE_UNSPECIFIED,
-            omit_executors=omit_executors,
-        )
+        request = _inbox_depth_request(aggregate_id, top, pool, omit_executors)
         return self._unary("GetInboxDepth", request, timeout)  # type: ignore[no-any-return]
 
     def health(self, *, timeout: float | None = None) -> str:
@@ -529,11 +594,7 @@ class PoolControlClient(_Base):
         wait_timeout: float | None = None,
         timeout: float | None = None,
     ) -> pb.SetPoolModeResponse:
-        request = pb.SetPoolModeRequest(
-            mode=mode_value(mode), request_id=request_id or new_request_id()
-        )
-        if wait_timeout is not None:
-            request.wait_timeout.CopyFrom(seconds(wait_timeout))
+        request = _set_mode_request(mode, request_id, wait_timeout)
         return self._unary("SetPoolMode", request, timeout)  # type: ignore[no-any-return]
 
     def set_rollout(
@@ -544,9 +605,7 @@ class PoolControlClient(_Base):
         wait_timeout: float | None = None,
         timeout: float | None = None,
     ) -> pb.SetRolloutResponse:
-        request = pb.SetRolloutRequest(percent=percent, request_id=request_id or new_request_id())
-        if wait_timeout is not None:
-            request.wait_timeout.CopyFrom(seconds(wait_timeout))
+        request = _set_rollout_request(percent, request_id, wait_timeout)
         return self._unary("SetRollout", request, timeout)  # type: ignore[no-any-return]
 
     def pause(
@@ -556,10 +615,8 @@ class PoolControlClient(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> list[Partition]:
-        request = pb.PauseRequest(
-            partitions=_partitions(partitions), request_id=request_id or new_request_id()
-        )
-        return [(p.topic, p.partition) for p in self._unary("Pause", request, timeout).partitions]
+        request = _intake_request(pb.PauseRequest, partitions, request_id)
+        return _partition_list(self._unary("Pause", request, timeout))
 
     def resume(
         self,
@@ -568,10 +625,8 @@ class PoolControlClient(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> list[Partition]:
-        request = pb.ResumeRequest(
-            partitions=_partitions(partitions), request_id=request_id or new_request_id()
-        )
-        return [(p.topic, p.partition) for p in self._unary("Resume", request, timeout).partitions]
+        request = _intake_request(pb.ResumeRequest, partitions, request_id)
+        return _partition_list(self._unary("Resume", request, timeout))
 
     def drain(
         self,
@@ -583,41 +638,21 @@ class PoolControlClient(_Base):
         on_progress: Callable[[pb.DrainProgress], None] | None = None,
     ) -> pb.DrainResult:
         """As :meth:`AsyncPoolControlClient.drain` (not retried once progress arrived)."""
-        request = pb.DrainRequest(
-            timeout=seconds(timeout),
-            partitions=_partitions(partitions),
-            resume_after=resume_after,
-            request_id=request_id or new_request_id(),
-        )
+        request = _drain_request(timeout, partitions, resume_after, request_id)
         for attempt in range(1, self.retry.attempts + 1):
-            received = False
-            result: pb.DrainResult | None = None
+            reader = _DrainReader(on_progress)
             try:
                 for message in self._stub.Drain(
                     request, timeout=timeout + DRAIN_GRACE, metadata=self._metadata
                 ):
-                    received = True
-                    if message.HasField("progress"):
-                        if on_progress is not None:
-                            on_progress(message.progress)
-                    else:
-                        result = message.result
+                    reader.feed(message)
             except grpc.RpcError as exc:
                 error = _error(exc, self.target)
-                if isinstance(error, DeadlineError):
-                    error.partial = result
-                    raise error from None
-                if received or not isinstance(error, UnavailableError):
-                    raise error from None
-                if attempt == self.retry.attempts:
+                if not reader.retriable(error, attempt, self.retry.attempts):
                     raise error from None
                 time.sleep(self.retry.backoff(attempt))
                 continue
-            if result is None:
-                raise ControlClientError(
-                    grpc.StatusCode.UNKNOWN, "drain stream ended without a result", self.target
-                )
-            return result
+            return reader.final(self.target)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def dead_letters(
@@ -628,12 +663,7 @@ class PoolControlClient(_Base):
         backlog_limit: int = 0,
         buffer_size: int = 0,
     ) -> Iterator[pb.StreamDeadLettersResponse]:
-        request = pb.StreamDeadLettersRequest(
-            filter=filter or pb.DeadLetterFilter(),
-            follow=follow,
-            backlog_limit=backlog_limit,
-            buffer_size=buffer_size,
-        )
+        request = _dead_letters_request(follow, filter, backlog_limit, buffer_size)
         stream = self._stub.StreamDeadLetters(
             request, timeout=None if follow else self.timeout, metadata=self._metadata
         )
@@ -653,9 +683,5 @@ class PoolControlClient(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> pb.RedriveDeadLettersResponse:
-        request = pb.RedriveDeadLettersRequest(
-            ids=list(ids), all=all, request_id=request_id or new_request_id()
-        )
-        if filter is not None:
-            request.filter.CopyFrom(filter)
+        request = _redrive_request(ids, filter, all, request_id)
         return self._unary("RedriveDeadLetters", request, timeout)  # type: ignore[no-any-return]
