@@ -429,19 +429,18 @@ class _Replay:
     def __len__(self) -> int:
         return len(self._done)
 
-    async def run(
-        self, method: str, request_id: str, call: Callable[[], Awaitable[_M]]
-    ) -> tuple[_M, bool]:
-        """``(answer, replayed)``."""
+    async def run(self, method: str, request_id: str, call: Callable[[], Awaitable[_M]]) -> _M:
+        """The answer of ``call()``; a repeat gets a copy of the first answer
+        with ``replayed`` set."""
         if not request_id:
-            return await call(), False
+            return await call()
         key = (method, request_id)
         seen = self.lookup(key)
         if seen is not None:
-            return seen, True  # type: ignore[return-value]
+            return _replayed(seen)  # type: ignore[return-value]
         running = self._running.get(key)
         if running is not None:
-            return await asyncio.shield(running), True  # type: ignore[arg-type]
+            return _replayed(await asyncio.shield(running))  # type: ignore[return-value]
         future: asyncio.Future[ProtoMessage] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)
         self._running[key] = future
@@ -457,7 +456,7 @@ class _Replay:
             del self._running[key]
         future.set_result(answer)
         self.remember(key, answer)
-        return answer, False
+        return answer
 
     def lookup(self, key: tuple[str, str]) -> ProtoMessage | None:
         answer = self._done.get(key)
@@ -610,8 +609,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
                 outcome = await self._target.switch.set_mode(mode, wait_timeout=wait)
             return pb.SetPoolModeResponse(result=switch_result_to_pb(outcome))
 
-        answer, replayed = await self._replay.run("SetPoolMode", request.request_id, change)
-        return _replayed(answer) if replayed else answer
+        return await self._replay.run("SetPoolMode", request.request_id, change)
 
     async def SetRollout(
         self, request: pb.SetRolloutRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -626,8 +624,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
                 outcome = await self._target.switch.set_rollout(percent, wait_timeout=wait)
             return pb.SetRolloutResponse(result=switch_result_to_pb(outcome))
 
-        answer, replayed = await self._replay.run("SetRollout", request.request_id, change)
-        return _replayed(answer) if replayed else answer
+        return await self._replay.run("SetRollout", request.request_id, change)
 
     # ---------------------------------------------------- pause/resume
     async def Pause(
@@ -639,8 +636,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             paused = await self._target.pause(partitions)
             return pb.PauseResponse(partitions=_partitions_to_pb(paused))
 
-        answer, replayed = await self._replay.run("Pause", request.request_id, pause)
-        return _replayed(answer) if replayed else answer
+        return await self._replay.run("Pause", request.request_id, pause)
 
     async def Resume(
         self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -651,8 +647,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             resumed = await self._target.resume(partitions)
             return pb.ResumeResponse(partitions=_partitions_to_pb(resumed))
 
-        answer, replayed = await self._replay.run("Resume", request.request_id, resume)
-        return _replayed(answer) if replayed else answer
+        return await self._replay.run("Resume", request.request_id, resume)
 
     # ----------------------------------------------------------- drain
     async def Drain(
@@ -825,8 +820,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
                 errors=dict(result.errors),
             )
 
-        answer, replayed = await self._replay.run("RedriveDeadLetters", request.request_id, redrive)
-        return _replayed(answer) if replayed else answer
+        return await self._replay.run("RedriveDeadLetters", request.request_id, redrive)
 
 
 # ------------------------------------------------------------- conversions
