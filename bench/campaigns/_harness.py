@@ -286,9 +286,11 @@ async def committed_offsets(
         await consumer.stop()
 
 
-def ends_of(truth: Iterable[TopicRecord]) -> dict[int, int]:
-    """End offset (last + 1) per partition of the records read back."""
-    ends: dict[int, int] = {}
+def ends_of(truth: Iterable[TopicRecord], partitions: int) -> dict[int, int]:
+    """End offset (last + 1) of each of the topic's ``partitions`` in the records
+    read back (0 for an empty one): what a consumer that finished everything
+    has committed, keyed like :func:`committed_offsets`."""
+    ends = dict.fromkeys(range(partitions), 0)
     for r in truth:
         ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
     return ends

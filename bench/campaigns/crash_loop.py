@@ -80,12 +80,12 @@ async def run(quick: bool) -> dict[str, Any]:
         rc = await svc.stop()
         records = read_records(svc.record)
         acc = account(truth, records)
-        ends = ends_of(truth)
+        ends = ends_of(truth, partitions)
         committed = await committed_offsets(env.bootstrap, svc.group, topic, partitions)
     failures = list(violations)
     if acc.lost or acc.reordered or acc.overlapped or acc.unexpected:
         failures.append(f"accounting: {acc.as_dict()}")
-    if committed != {p: ends.get(p, 0) for p in range(partitions)}:
+    if committed != ends:
         failures.append(f"final committed {committed} != ends {ends}")
     if rc != 0:
         failures.append(f"last service exit code {rc}")

@@ -250,7 +250,7 @@ async def run_mode(
         caught_up = await wait_for(
             functools.partial(_settled, svc, len(truth)), 120, "every event finished", 0.2
         )
-        ends = ends_of(truth)
+        ends = ends_of(truth, partitions)
         await wait_for(
             lambda: _committed_all(env.bootstrap, svc.group, topic, partitions, ends),
             60,
@@ -341,7 +341,7 @@ async def run_mode(
         failures.append(f"steady: healthy throughput {steady_ratio:.0%} of no-failure (< 80 %)")
     if backlog_ratio < 0.8:
         failures.append(f"backlog: healthy throughput {backlog_ratio:.0%} of no-failure (< 80 %)")
-    if committed != {p: ends.get(p, 0) for p in range(partitions)}:
+    if committed != ends:
         failures.append(f"committed {committed} != ends {ends}")
     if rc != 0:
         failures.append(f"service exit code {rc}")
@@ -413,4 +413,4 @@ async def _committed_all(
     bootstrap: str, group: str, topic: str, partitions: int, ends: dict[int, int]
 ) -> bool:
     committed = await committed_offsets(bootstrap, group, topic, partitions)
-    return committed == {p: ends.get(p, 0) for p in range(partitions)}
+    return committed == ends

@@ -254,7 +254,7 @@ async def run(quick: bool) -> dict[str, Any]:
         truth = await read_topic(env.bootstrap, topic)
         permanent = {(r.partition, r.offset) for r in truth if r.fail}
         expected = {(r.partition, r.offset) for r in truth} - permanent
-        ends = ends_of(truth)
+        ends = ends_of(truth, partitions)
 
         def all_done() -> bool:
             return expected <= {(r.partition, r.offset) for r in read_records(svc.record)}

@@ -77,7 +77,7 @@ async def run(quick: bool) -> dict[str, Any]:
         rc = await svc.stop()
         records = read_records(svc.record)
         acc = account(truth, records)
-        ends = ends_of(truth)
+        ends = ends_of(truth, partitions)
         committed = await committed_offsets(env.bootstrap, svc.group, topic, partitions)
     first = min(r.sent_ns for r in records) if records else 0
     last = max(r.end_ns for r in records) if records else 0
@@ -87,7 +87,7 @@ async def run(quick: bool) -> dict[str, Any]:
         failures.append(f"accounting: {acc.as_dict()}")
     if acc.duplicated:
         failures.append(f"{acc.duplicated} events handled twice without a crash")
-    if committed != {p: ends.get(p, 0) for p in range(partitions)}:
+    if committed != ends:
         failures.append(f"committed {committed} != ends {ends}")
     if rc != 0:
         failures.append(f"service exit code {rc}")
