@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -399,35 +399,44 @@ def hash_(agg: str) -> int:
     return int(agg.rsplit("-", 1)[1])
 
 
-async def _follow_streams(address: str, n: int, token: str) -> None:
-    """The reader process: ``n`` following streams; "ready" once each is past its
-    backlog; on a line on stdin, close them and print ``{"min_live": ...}``."""
+@contextlib.asynccontextmanager
+async def _followers(address: str, n: int, token: str) -> AsyncIterator[Counter[int]]:
+    """``n`` following dead-letter streams (backlog limit 5) over ``n / 100``
+    channels. Entered once each is past its backlog; yields the live dead
+    letters received per stream; closes them all on exit."""
     channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, n // 100))]
-    got_end = 0
+    ready = 0
     live: Counter[int] = Counter()
 
     async def follow(i: int) -> None:
-        nonlocal got_end
+        nonlocal ready
         stub = pb_grpc.PoolControlStub(channels[i % len(channels)])
-        stream = stub.StreamDeadLetters(
-            pb.StreamDeadLettersRequest(follow=True, backlog_limit=5), metadata=_meta(token)
-        )
+        request = pb.StreamDeadLettersRequest(follow=True, backlog_limit=5)
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-            async for event in stream:
+            async for event in stub.StreamDeadLetters(request, metadata=_meta(token)):
                 if event.HasField("backlog_end"):
-                    got_end += 1
+                    ready += 1
                 elif event.HasField("dead_letter"):
                     live[i] += 1
 
     readers = [asyncio.create_task(follow(i)) for i in range(n)]
-    await wait_for(lambda: got_end >= n, 60, f"{n} streams past their backlog")
-    print("ready", flush=True)
-    await asyncio.to_thread(sys.stdin.readline)
-    for r in readers:
-        r.cancel()
-    await asyncio.gather(*readers, return_exceptions=True)
-    for ch in channels:
-        await ch.close()
+    try:
+        await wait_for(lambda: ready >= n, 60, f"{n} streams past their backlog")
+        yield live
+    finally:
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for ch in channels:
+            await ch.close()
+
+
+async def _follow_streams(address: str, n: int, token: str) -> None:
+    """The reader process: ``n`` following streams; "ready" once each is past its
+    backlog; on a line on stdin, close them and print ``{"min_live": ...}``."""
+    async with _followers(address, n, token) as live:
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
     print(json.dumps({"min_live": min(live[i] for i in range(n))}), flush=True)
 
 
@@ -585,31 +594,6 @@ async def never_reader(
     }
 
 
-async def _open_and_close_streams(address: str, n: int) -> None:
-    """``n`` following streams, each read past its backlog, then all closed."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, n // 100))]
-    ready = 0
-
-    async def follow(i: int) -> None:
-        nonlocal ready
-        stub = pb_grpc.PoolControlStub(channels[i % len(channels)])
-        request = pb.StreamDeadLettersRequest(follow=True, backlog_limit=5)
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-            async for event in stub.StreamDeadLetters(request, metadata=_meta(READ)):
-                if event.HasField("backlog_end"):
-                    ready += 1
-
-    readers = [asyncio.create_task(follow(i)) for i in range(n)]
-    try:
-        await wait_for(lambda: ready >= n, 60, f"{n} streams past their backlog", 0.05)
-    finally:
-        for r in readers:
-            r.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        for ch in channels:
-            await ch.close()
-
-
 async def stream_churn(svc: Any, n: int, rounds: int) -> dict[str, Any]:
     """Open ``n`` following streams and close them: once to warm up, then
     ``rounds`` times with RSS after each. The least-squares slope over the
@@ -617,7 +601,8 @@ async def stream_churn(svc: Any, n: int, rounds: int) -> dict[str, Any]:
     pid = svc.proc.pid
     rss: list[float] = []
     for r in range(rounds + 1):
-        await _open_and_close_streams(svc.grpc_address, n)
+        async with _followers(svc.grpc_address, n, READ):
+            pass
         await asyncio.sleep(1.0)  # the server notices the cancellations
         if r:
             rss.append(round(_rss(pid), 1))
