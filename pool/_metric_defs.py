@@ -7,7 +7,7 @@ so its PromQL and dashboards keep working. The keyed pool mirrors them under
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 PoolKind = Literal["actor", "keyed"]
 
@@ -31,15 +31,7 @@ MetricSuffix = Literal[
     "dead_letters_total",
 ]
 
-SUFFIXES: Final[tuple[MetricSuffix, ...]] = (
-    "messages_sent_total",
-    "messages_processed_total",
-    "message_latency_seconds",
-    "inbox_depth",
-    "inbox_utilization",
-    "actor_restarted_total",
-    "dead_letters_total",
-)
+SUFFIXES: Final[tuple[MetricSuffix, ...]] = get_args(MetricSuffix)
 
 # Sub-millisecond to tens of seconds.
 LATENCY_BUCKETS: Final = (

@@ -17,7 +17,7 @@ Wiring (one registry per service)::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -51,16 +51,7 @@ SwitchMetricName = Literal[
     "kafka_eventbus_pool_drain_duration_seconds",
 ]
 
-SWITCH_METRICS: Final[tuple[SwitchMetricName, ...]] = (
-    "kafka_eventbus_pool_mode",
-    "kafka_eventbus_pool_rollout_percent",
-    "kafka_eventbus_pool_switches_total",
-    "kafka_eventbus_pool_last_switch_timestamp_seconds",
-    "kafka_eventbus_pool_held_events",
-    "kafka_eventbus_pool_switch_duration_seconds",
-    "kafka_eventbus_pool_drains_total",
-    "kafka_eventbus_pool_drain_duration_seconds",
-)
+SWITCH_METRICS: Final[tuple[SwitchMetricName, ...]] = get_args(SwitchMetricName)
 
 SWITCH_BUCKETS: Final = (
     0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
