@@ -83,7 +83,6 @@ DEFINED = {
 }
 MUTATING = ("SetPoolMode", "SetRollout", "Drain", "Pause", "Resume", "RedriveDeadLetters")
 READS = ("GetStatus", "GetInboxDepth", "StreamDeadLetters")
-READ_UNARY = ("GetStatus", "GetInboxDepth")
 
 
 def _fields(message: Any) -> dict[str, Any]:
@@ -630,7 +629,9 @@ async def calls_during_shutdown(svc: Any, topic: str) -> dict[str, Any]:
     against the audit log); exit code 0."""
     outcomes: Counter[str] = Counter()
     odd_details: list[str] = []
-    #: (method, request_id) of mutating calls that got grpc-core's "CANCELLED".
+    #: Unary calls that got grpc-core's CANCELLED ("CANCELLED"), by "method:CANCELLED",
+    #: and (method, request_id) of the mutating ones among them.
+    core: Counter[str] = Counter()
     core_cancelled: list[tuple[str, str]] = []
     stop = threading.Event()
 
@@ -645,8 +646,14 @@ async def calls_during_shutdown(svc: Any, topic: str) -> dict[str, Any]:
                     request.request_id = request_id
                 code, details = call(stub, method, request, ADMIN)
                 outcomes[f"{method}:{code.name}"] += 1
-                if code is grpc.StatusCode.CANCELLED and details == "CANCELLED" and request_id:
-                    core_cancelled.append((method, request_id))
+                if (
+                    code is grpc.StatusCode.CANCELLED
+                    and details == "CANCELLED"
+                    and method != "StreamDeadLetters"
+                ):
+                    core[f"{method}:CANCELLED"] += 1
+                    if request_id:
+                        core_cancelled.append((method, request_id))
                 if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE):
                     odd_details.append(f"{method}: {code.name} {details!r}"[:300])
                 if code is grpc.StatusCode.UNAVAILABLE:
@@ -682,22 +689,21 @@ async def calls_during_shutdown(svc: Any, topic: str) -> dict[str, Any]:
     # names its request ID. Our clients retry it (same request ID, idempotent).
     audited = _audited_request_ids(svc.stderr_tail(10**8))
     reached = [f"{m}:{rid}" for m, rid in core_cancelled if rid in audited]
-    core = Counter(f"{m}:CANCELLED" for m, _ in core_cancelled)
     # CANCELLED otherwise only where it is our own doing: we stop reading a stream
     # after 20 events. Reads cannot be checked against the audit log; grpc-core's
     # CANCELLED of a read is counted as such too (it has no effect either way).
     bad = {
-        k: v - core.get(k, 0)
+        k: n
         for k, v in outcomes.items()
         if k.split(":")[1] not in ("OK", "UNAVAILABLE")
         and k != "StreamDeadLetters:CANCELLED"
-        and not (k.endswith(":CANCELLED") and k.split(":")[0] in READ_UNARY)
-        and v - core.get(k, 0) > 0
+        and (n := v - core[k]) > 0
     }
     return {
         "calls": sum(outcomes.values()),
         "outcomes": dict(sorted(outcomes.items())),
         "not_ok_or_unavailable": bad,
+        "core_cancelled": dict(core),
         "core_cancelled_mutating": len(core_cancelled),
         "core_cancelled_that_reached_the_service": reached[:10],
         "details_of_the_others": odd_details[:10],
