@@ -634,6 +634,7 @@ async def calls_during_shutdown(svc: Any, topic: str) -> dict[str, Any]:
     core: Counter[str] = Counter()
     core_cancelled: list[tuple[str, str]] = []
     stop = threading.Event()
+    counting = threading.Lock()
 
     def hammer(worker: int, method: str, request: Any) -> None:
         ids = itertools.count()
@@ -645,17 +646,18 @@ async def calls_during_shutdown(svc: Any, topic: str) -> dict[str, Any]:
                     request_id = f"sd-{worker}-{next(ids)}"
                     request.request_id = request_id
                 code, details = call(stub, method, request, ADMIN)
-                outcomes[f"{method}:{code.name}"] += 1
-                if (
-                    code is grpc.StatusCode.CANCELLED
-                    and details == "CANCELLED"
-                    and method != "StreamDeadLetters"
-                ):
-                    core[f"{method}:CANCELLED"] += 1
-                    if request_id:
-                        core_cancelled.append((method, request_id))
-                if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE):
-                    odd_details.append(f"{method}: {code.name} {details!r}"[:300])
+                with counting:  # the threads share the counters
+                    outcomes[f"{method}:{code.name}"] += 1
+                    if (
+                        code is grpc.StatusCode.CANCELLED
+                        and details == "CANCELLED"
+                        and method != "StreamDeadLetters"
+                    ):
+                        core[f"{method}:CANCELLED"] += 1
+                        if request_id:
+                            core_cancelled.append((method, request_id))
+                    if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE):
+                        odd_details.append(f"{method}: {code.name} {details!r}"[:300])
                 if code is grpc.StatusCode.UNAVAILABLE:
                     time.sleep(0.05)
 
