@@ -224,7 +224,7 @@ def intake_state(s: pb.GetStatusResponse) -> tuple[str, str]:
     else:
         state = "running"
     if not paused:
-        return state, "no partitions assigned" if not total else ""
+        return state, ""
     reasons = sorted({r for p in paused for r in p.paused_reasons})
     detail = f"{len(paused)} of {plural(total, 'partition')} paused ({', '.join(reasons)})"
     if held:
