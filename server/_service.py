@@ -251,12 +251,24 @@ class Service:
 
     async def wait(self) -> None:
         """Return when the service stopped, or raise a consumer task's failure."""
-        while not self._stopped.is_set():
-            consumer = self._consumer
-            if consumer is not None and consumer.failure is not None:
-                raise consumer.failure
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), 0.5)
+        if self._stopped.is_set():
+            return
+        consumer = self._consumer
+        if consumer is None:
+            await self._stopped.wait()
+            return
+        if consumer.failure is not None:
+            raise consumer.failure
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        failed = asyncio.ensure_future(consumer.failed())
+        try:
+            await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (stopped, failed):
+                waiter.cancel()
+            await asyncio.gather(stopped, failed, return_exceptions=True)
+        if stopped.cancelled():  # it was not what ended the wait: the failure was
+            raise failed.result()
 
     async def stop(self) -> None:
         """Graceful stop in the documented order. Idempotent; concurrent calls share it."""
