@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from server._logging import configure_logging
     from server._offsets import CommitPolicy, OffsetTracker
     from server._service import Endpoints, Service
+    from server._version import version
 
 _EXPORTS = {
     "CommitPolicy": "server._offsets",
@@ -41,6 +42,7 @@ _EXPORTS = {
     "load_handler": "server._handlers",
     "load_settings": "server._config",
     "start_grpc_server": "server._grpc",
+    "version": "server._version",
 }
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "load_handler",
     "load_settings",
     "start_grpc_server",
+    "version",
 ]
 
 

@@ -64,10 +64,9 @@ from server._handlers import load_handler
 from server._intake import Decoder
 from server._process_metrics import AsyncioTasksCollector
 from server._switch_metrics import SwitchMetrics
+from server._version import version
 
 log = structlog.get_logger("server.service")
-
-VERSION = "0.1.0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +361,7 @@ class Service:
             restarts=restarts,
             dead_letters=self._sink.published if self._sink is not None else 0,
             uptime_s=time.monotonic() - self._started_at,
-            version=VERSION,
+            version=version(),
             ready=self._ready,
             draining=self._draining,
             group_id=s.kafka.consumer.group_id,
