@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from server._intake import Decoder
     from server._logging import configure_logging
     from server._offsets import CommitPolicy, OffsetTracker
-    from server._service import Endpoints, Service
+    from server._service import Endpoints, Service, ServiceStartError
     from server._version import version
 
 _EXPORTS = {
@@ -37,6 +37,7 @@ _EXPORTS = {
     "HandlerLoadError": "server._handlers",
     "OffsetTracker": "server._offsets",
     "Service": "server._service",
+    "ServiceStartError": "server._service",
     "Settings": "server._config",
     "configure_logging": "server._logging",
     "load_handler": "server._handlers",
@@ -57,6 +58,7 @@ __all__ = [
     "HandlerLoadError",
     "OffsetTracker",
     "Service",
+    "ServiceStartError",
     "Settings",
     "configure_logging",
     "load_handler",
