@@ -30,8 +30,4 @@ def test_importing_the_package_does_not_import_kafka_or_grpc() -> None:
 
 
 def test_the_version_is_the_installed_package_metadata() -> None:
-    from clients._version import version as clients_version
-    from server._version import version as server_version
-
-    assert server_version() == metadata.version("kafka-actor-pool")
-    assert clients_version() == server_version()
+    assert server.version() == metadata.version("kafka-actor-pool")
