@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from server._intake import Decoder
     from server._logging import configure_logging
     from server._offsets import CommitPolicy, OffsetTracker
-    from server._service import Endpoints, Service
+    from server._service import Endpoints, Service, ServiceStartError
+    from server._version import version
 
 _EXPORTS = {
     "CommitPolicy": "server._offsets",
@@ -36,11 +37,13 @@ _EXPORTS = {
     "HandlerLoadError": "server._handlers",
     "OffsetTracker": "server._offsets",
     "Service": "server._service",
+    "ServiceStartError": "server._service",
     "Settings": "server._config",
     "configure_logging": "server._logging",
     "load_handler": "server._handlers",
     "load_settings": "server._config",
     "start_grpc_server": "server._grpc",
+    "version": "server._version",
 }
 
 __all__ = [
@@ -55,11 +58,13 @@ __all__ = [
     "HandlerLoadError",
     "OffsetTracker",
     "Service",
+    "ServiceStartError",
     "Settings",
     "configure_logging",
     "load_handler",
     "load_settings",
     "start_grpc_server",
+    "version",
 ]
 
 

@@ -42,6 +42,7 @@ from pydantic import model_validator as _model_validator
 from pydantic.alias_generators import to_camel
 
 from pool import PoolMode
+from server._version import version
 
 __all__ = [
     "ConfigError",
@@ -597,6 +598,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "controlled over gRPC. Configuration: YAML file, then environment "
         f"({ENV_PREFIX}SECTION__KEY=value, {ENV_USE_ACTOR_POOL}=true|false), then these flags.",
     )
+    p.add_argument("--version", action="version", version=f"pool-server {version()}")
     p.add_argument(
         "--config", metavar="FILE", help=f"YAML config file (default ${ENV_CONFIG_FILE})"
     )

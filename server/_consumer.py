@@ -251,6 +251,7 @@ class EventConsumer:
         self._closed = False
         self._assigned_once = asyncio.Event()
         self._fatal: BaseException | None = None
+        self._failed = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -305,10 +306,17 @@ class EventConsumer:
             log.error("consumer.task_failed", task=task.get_name(), error=repr(exc))
             if self._fatal is None:
                 self._fatal = exc
+                self._failed.set()
 
     @property
     def failure(self) -> BaseException | None:
         """The first unexpected error of a consumer task (the service stops on it)."""
+        return self._fatal
+
+    async def failed(self) -> BaseException:
+        """Wait for :attr:`failure` and return it."""
+        await self._failed.wait()
+        assert self._fatal is not None
         return self._fatal
 
     async def stop_fetching(self) -> None:
