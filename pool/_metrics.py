@@ -82,7 +82,7 @@ class PrometheusPoolMetrics:
     reads snapshots of the lists.
 
     By default the collector sums the executors into one series per name and
-    label set (a pool of 256 exports about 45 series, not 6 000): depth is the
+    label set (a pool of 256 exports about 45 series, not 6 600): depth is the
     pool's total, utilization the fullest executor's, and two more gauges give
     the deepest executor's depth and how many executors are at each depth.
     ``per_executor=True`` exports the seven original names per executor
