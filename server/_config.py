@@ -322,6 +322,9 @@ class GrpcSettings(_Section):
 class MetricsSettings(_Section):
     enabled: bool = True
     address: str = "127.0.0.1:2112"
+    #: Export the pools' metrics per executor (``actor_id``/``worker_id`` labels):
+    #: about 13 000 series with the default pool sizes, instead of one per pool.
+    per_executor: bool = False
 
     @field_validator("address")
     @classmethod

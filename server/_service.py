@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import os
 import socket
@@ -147,11 +148,14 @@ class Service:
             # The dead-letter sink logs each one once published (with its ID).
             "log_dead_letters": False,
         }
+        pool_metrics = functools.partial(
+            PrometheusPoolMetrics, registry=self.registry, per_executor=s.metrics.per_executor
+        )
         keyed = KeyedWorkerPool(
             handler,
             size=s.pool.keyed.workers,
             queue_size=s.pool.keyed.queue_size,
-            metrics=PrometheusPoolMetrics("keyed", s.pool.keyed.workers, self.registry),
+            metrics=pool_metrics("keyed", s.pool.keyed.workers),
             **common,
         )
         actor = ActorPool(
@@ -160,7 +164,7 @@ class Service:
             inbox_size=s.pool.actor.inbox_size,
             max_restarts=s.pool.actor.max_restarts,
             restart_window=s.pool.actor.restart_window_s,
-            metrics=PrometheusPoolMetrics("actor", s.pool.actor.actors, self.registry),
+            metrics=pool_metrics("actor", s.pool.actor.actors),
             **common,
         )
         self._switch = PoolSwitch(
