@@ -109,7 +109,6 @@ class PoolSwitch:
         self._clock = clock
         self.generation = 0
         self.since = wall_clock()
-        self.switches = 0
         # Per pool, the aggregates with unfinished events there and how many.
         # An aggregate is in at most one of the two at a time (else it is held).
         # Plain dicts of ints: the hot path allocates nothing per aggregate.
@@ -387,7 +386,6 @@ class PoolSwitch:
             if changed:
                 self._mode, self._rollout_bp = new_mode, new_bp
                 self.generation += 1
-                self.switches += 1
                 self.since = self._wall_clock()
                 self._update_uniform()
                 target = self._target
