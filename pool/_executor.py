@@ -235,7 +235,7 @@ class BasePool:
 
     # ------------------------------------------------------------- intake
     def submit_nowait(self, message: Message) -> Completion:
-        future = self._enqueue(message, True)
+        future = self.enqueue_nowait(message, True)
         assert future is not None
         return future
 
@@ -250,19 +250,20 @@ class BasePool:
         """Like :meth:`submit_nowait` without a completion future: the outcome
         is reported only to the finish listeners. The hot path of the Kafka
         consumer: a future per event costs more than the rest of the pool."""
-        self._enqueue(message, False)
+        self.enqueue_nowait(message, False)
 
     async def dispatch(self, message: Message) -> None:
         """Like :meth:`submit` without a completion future (see :meth:`dispatch_nowait`)."""
         while True:
             try:
-                self._enqueue(message, False)
+                self.enqueue_nowait(message, False)
             except QueueFullError as full:
                 await self.wait_for_space(full.index)
             else:
                 return
 
-    def _enqueue(self, message: Message, with_future: bool) -> Completion | None:
+    def enqueue_nowait(self, message: Message, with_future: bool) -> Completion | None:
+        """See :meth:`Pool.enqueue_nowait`; the one intake path of the pool."""
         if self._closing:
             raise PoolClosedError(f"{self._mode} pool is closed; submit refused")
         loop = self._loop

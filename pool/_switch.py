@@ -29,9 +29,8 @@ import structlog
 
 from pool._deadletter import DeadLetter
 from pool._errors import DrainTimeoutError, PoolClosedError, QueueFullError
-from pool._executor import BasePool
 from pool._message import Message
-from pool._protocol import Completion, FinishListener, PoolMode
+from pool._protocol import Completion, FinishListener, Pool, PoolMode
 from pool._routing import fnv1a_32
 
 log = structlog.get_logger("pool")
@@ -85,12 +84,16 @@ _Lane: TypeAlias = (
 
 
 class PoolSwitch:
-    """Routes events to the keyed or the actor pool; see the module docstring."""
+    """Routes events to the keyed or the actor pool; see the module docstring.
+
+    It uses the two pools only through the :class:`~pool.Pool` protocol: the
+    hot path calls each pool's ``enqueue_nowait``, held as a bound method.
+    """
 
     def __init__(
         self,
-        keyed: BasePool,
-        actor: BasePool,
+        keyed: Pool,
+        actor: Pool,
         *,
         mode: PoolMode = PoolMode.KEYED,
         rollout_percent: float = 100.0,
@@ -99,7 +102,7 @@ class PoolSwitch:
     ) -> None:
         if keyed.mode is not PoolMode.KEYED or actor.mode is not PoolMode.ACTOR:
             raise TypeError("PoolSwitch(keyed=<keyed pool>, actor=<actor pool>)")
-        self.pools: dict[PoolMode, BasePool] = {
+        self.pools: dict[PoolMode, Pool] = {
             PoolMode.KEYED: keyed,
             PoolMode.ACTOR: actor,
         }
@@ -115,8 +118,8 @@ class PoolSwitch:
         self._keyed_counts: dict[str, int] = {}
         self._actor_counts: dict[str, int] = {}
         self._lanes: dict[PoolMode, _Lane] = {
-            PoolMode.KEYED: (keyed._enqueue, self._keyed_counts, self._actor_counts),
-            PoolMode.ACTOR: (actor._enqueue, self._actor_counts, self._keyed_counts),
+            PoolMode.KEYED: (keyed.enqueue_nowait, self._keyed_counts, self._actor_counts),
+            PoolMode.ACTOR: (actor.enqueue_nowait, self._actor_counts, self._keyed_counts),
         }
         # The lane every aggregate goes to under the current rule, or None when
         # the rollout splits them (then each aggregate's bucket decides).
