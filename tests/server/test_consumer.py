@@ -18,12 +18,14 @@ from aiokafka import TopicPartition
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     DeadLetter,
     DeadLetterReason,
     KeyedWorkerPool,
     Message,
     NonRetryableError,
     PoolMode,
+    PoolOptions,
     PoolSwitch,
     QueueFullError,
     RetryPolicy,
@@ -121,8 +123,8 @@ async def _running(
     **options: Any,
 ) -> AsyncIterator[tuple[EventConsumer, PoolSwitch]]:
     retry = RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.002)
-    keyed = KeyedWorkerPool(handler, size=size, queue_size=queue, retry=retry)
-    actor = ActorPool(handler, size=size, inbox_size=queue, retry=retry)
+    keyed = KeyedWorkerPool(handler, PoolOptions(size=size, capacity=queue, retry=retry))
+    actor = ActorPool(handler, ActorPoolOptions(size=size, capacity=queue, retry=retry))
     switch = PoolSwitch(keyed, actor, mode=PoolMode.KEYED)
     opts = ConsumerOptions(
         bootstrap_servers=broker.bootstrap,
@@ -234,7 +236,7 @@ async def test_full_queue_pauses_only_its_partition_and_drops_nothing(
         # Partition 1 keeps flowing while partition 0 waits (aggregates away from 'slow').
         # (Aggregates that share the slow one's executor would wait behind it: by
         # design, so the other partition's traffic avoids that executor.)
-        probe = KeyedWorkerPool(rec, size=4)
+        probe = KeyedWorkerPool(rec, PoolOptions(size=4))
         slow_index = probe.executor_for("slow")
         names = [f"other-{i}" for i in range(300) if probe.executor_for(f"other-{i}") != slow_index]
         others = [
@@ -373,7 +375,9 @@ async def test_redeliveries_after_a_rebalance_are_counted_and_nothing_is_lost(
         await assert_eventually(lambda: a.partition_status()[0].committed == 2)
         # B joins with intake held (it never fetches), then leaves: the partition
         # comes back to A from the committed offset 2, below what A dispatched.
-        b_switch = PoolSwitch(KeyedWorkerPool(rec, size=4), ActorPool(rec, size=4))
+        b_switch = PoolSwitch(
+            KeyedWorkerPool(rec, PoolOptions(size=4)), ActorPool(rec, ActorPoolOptions(size=4))
+        )
         b = EventConsumer(
             ConsumerOptions(
                 bootstrap_servers=broker.bootstrap, group_id=group, topics=(topic,),
