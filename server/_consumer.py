@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,7 +48,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pool import DeadLetter, Message, PoolClosedError, QueueFullError
+from pool import DeadLetter, Message, PoolClosedError, QueueFullError, RetryPolicy
 from server._consumer_metrics import PAUSE_REASONS, ConsumerMetrics
 from server._control import CommittedOffset, DrainProgress, PartitionStatus
 from server._offsets import CommitPolicy, OffsetTracker
@@ -60,6 +61,8 @@ DRAIN = "drain"
 BACKPRESSURE = "backpressure"
 #: How often the end offsets of paused partitions are listed (for their lag).
 _LIST_PAUSED_ENDS_EVERY_S = 1.0
+#: A failed dead-letter publish is tried again after 0.5 s, 1 s, 2 s, ... up to 5 s.
+DLQ_RETRY = RetryPolicy(initial_backoff=0.5, max_backoff=5.0)
 
 
 class RecordDecoder(Protocol):
@@ -124,8 +127,9 @@ class ConsumerOptions:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
-    #: Retry backoff of a dead-letter publish that failed (the offset stays unfinished).
-    dlq_retry_backoff_s: float = 0.5
+    #: Backoff between tries of a dead-letter publish that failed: see
+    #: :func:`publish_until_acknowledged` (only the policy's backoff is used).
+    dlq_retry: RetryPolicy = DLQ_RETRY
     kafka: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,6 +144,45 @@ class ConsumerOptions:
     @property
     def low_watermark(self) -> int:
         return int(self.max_in_flight * self.resume_fraction)
+
+
+async def publish_until_acknowledged(
+    publish: Callable[[DeadLetter], Awaitable[Any]],
+    dead: DeadLetter,
+    retry: RetryPolicy,
+    *,
+    rand: Callable[[], float] = random.random,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> int:
+    """Publish ``dead`` until the broker acknowledges it; return how many tries failed.
+
+    After the n-th failure it waits ``retry.backoff(n, rand())``: from
+    ``initial_backoff``, multiplied each time, capped at ``max_backoff``,
+    spread by the jitter. It never gives up, so ``retry.max_attempts`` is not
+    used: the event's offset must stay unfinished (never committed) until its
+    dead letter is durable. Any exception of ``publish`` counts as a failure;
+    cancellation propagates.
+    """
+    failures = 0
+    while True:
+        try:
+            await publish(dead)
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the offset unfinished, retry
+            failures += 1
+            delay = retry.backoff(failures, rand())
+            msg = dead.message
+            log.warning(
+                "consumer.dead_letter_publish_failed",
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                failures=failures,
+                retry_in_s=round(delay, 3),
+                error=repr(exc),
+            )
+            await sleep(delay)
+        else:
+            return failures
 
 
 class _Partition:
@@ -519,23 +562,8 @@ class EventConsumer:
 
     async def _dead_letter(self, part: _Partition, offset: int, dead: DeadLetter) -> None:
         """Publish until acknowledged, then mark the offset finished."""
-        while True:
-            try:
-                await self._sink.publish(dead)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure: keep the offset unfinished, retry
-                log.warning(
-                    "consumer.dead_letter_publish_failed",
-                    topic=part.tp.topic,
-                    partition=part.tp.partition,
-                    offset=offset,
-                    error=repr(exc),
-                )
-                await asyncio.sleep(self.options.dlq_retry_backoff_s)
-            else:
-                self._finish(part, offset)
-                return
+        await publish_until_acknowledged(self._sink.publish, dead, self.options.dlq_retry)
+        self._finish(part, offset)
 
     def _finish(self, part: _Partition, offset: int) -> None:
         part.tracker.done(offset)
