@@ -59,8 +59,9 @@ class Pool(Protocol):
     def start(self) -> None:
         """Start the executors on the running event loop.
 
-        Idempotent; the first submit starts them too. Never blocks. Raises
-        :class:`PoolClosedError` after ``close()``.
+        Idempotent (a no-op once started, also after ``close()``); the first
+        submit starts them too. Never blocks. Raises :class:`PoolClosedError`
+        when the pool was closed before it ever started.
         """
 
     def enqueue_nowait(self, message: Message, with_future: bool) -> Completion | None:
