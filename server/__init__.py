@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from server._intake import Decoder
     from server._logging import configure_logging
     from server._offsets import CommitPolicy, OffsetTracker
+    from server._pauses import PauseBook
     from server._service import Endpoints, Service, ServiceStartError
     from server._version import version
 
@@ -36,6 +37,7 @@ _EXPORTS = {
     "EventConsumer": "server._consumer",
     "HandlerLoadError": "server._handlers",
     "OffsetTracker": "server._offsets",
+    "PauseBook": "server._pauses",
     "Service": "server._service",
     "ServiceStartError": "server._service",
     "Settings": "server._config",
@@ -57,6 +59,7 @@ __all__ = [
     "EventConsumer",
     "HandlerLoadError",
     "OffsetTracker",
+    "PauseBook",
     "Service",
     "ServiceStartError",
     "Settings",

@@ -37,9 +37,11 @@ from prometheus_client import (
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     DeadLetter,
     Handler,
     KeyedWorkerPool,
+    PoolOptions,
     PoolSwitch,
     PrometheusPoolMetrics,
     RetryPolicy,
@@ -141,31 +143,36 @@ class Service:
             multiplier=r.multiplier,
             jitter=r.jitter,
         )
-        common: dict[str, Any] = {
-            "retry": retry,
-            "handler_timeout": s.pool.handler_timeout_s,
-            "handler_threads": s.pool.handler_threads,
-            # The dead-letter sink logs each one once published (with its ID).
-            "log_dead_letters": False,
-        }
         pool_metrics = functools.partial(
             PrometheusPoolMetrics, registry=self.registry, per_executor=s.metrics.per_executor
         )
+        p = s.pool
         keyed = KeyedWorkerPool(
             handler,
-            size=s.pool.keyed.workers,
-            queue_size=s.pool.keyed.queue_size,
-            metrics=pool_metrics("keyed", s.pool.keyed.workers),
-            **common,
+            PoolOptions(
+                size=p.keyed.workers,
+                capacity=p.keyed.queue_size,
+                retry=retry,
+                handler_timeout=p.handler_timeout_s,
+                handler_threads=p.handler_threads,
+                # The dead-letter sink logs each one once published (with its ID).
+                log_dead_letters=False,
+            ),
+            metrics=pool_metrics("keyed", p.keyed.workers),
         )
         actor = ActorPool(
             handler,
-            size=s.pool.actor.actors,
-            inbox_size=s.pool.actor.inbox_size,
-            max_restarts=s.pool.actor.max_restarts,
-            restart_window=s.pool.actor.restart_window_s,
-            metrics=pool_metrics("actor", s.pool.actor.actors),
-            **common,
+            ActorPoolOptions(
+                size=p.actor.actors,
+                capacity=p.actor.inbox_size,
+                max_restarts=p.actor.max_restarts,
+                restart_window=p.actor.restart_window_s,
+                retry=retry,
+                handler_timeout=p.handler_timeout_s,
+                handler_threads=p.handler_threads,
+                log_dead_letters=False,
+            ),
+            metrics=pool_metrics("actor", p.actor.actors),
         )
         self._switch = PoolSwitch(
             keyed, actor, mode=s.mode, rollout_percent=s.kafka.actor_pool.rollout_percent

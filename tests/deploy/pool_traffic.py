@@ -26,9 +26,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     KeyedWorkerPool,
     Message,
     PoolMode,
+    PoolOptions,
     PoolSwitch,
     PrometheusPoolMetrics,
     QueueFullError,
@@ -66,15 +68,13 @@ async def run(port: int, rate: float, per_executor: bool) -> None:
 
     retry = RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.01)
     keyed = KeyedWorkerPool(
-        handler, size=POOL_SIZE, queue_size=100, retry=retry, metrics=keyed_metrics
+        handler, PoolOptions(size=POOL_SIZE, capacity=100, retry=retry), metrics=keyed_metrics
     )
     actor = ActorPool(
         handler,
-        size=POOL_SIZE,
-        inbox_size=100,
-        max_restarts=3,
-        restart_window=60.0,
-        retry=retry,
+        ActorPoolOptions(
+            size=POOL_SIZE, capacity=100, max_restarts=3, restart_window=60.0, retry=retry
+        ),
         metrics=actor_metrics,
     )
     stop = asyncio.Event()

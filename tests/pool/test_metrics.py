@@ -10,10 +10,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     DeadLetterReason,
     KeyedWorkerPool,
     Message,
     NoopMetrics,
+    PoolOptions,
     PrometheusPoolMetrics,
     RetryPolicy,
 )
@@ -50,7 +52,9 @@ async def test_actor_pool_exports_the_original_seven_metrics_per_executor() -> N
             raise RuntimeError("x")
 
     retry = RetryPolicy(max_attempts=2, initial_backoff=0.0, jitter=0.0)
-    async with ActorPool(handler, size=4, inbox_size=10, retry=retry, metrics=metrics) as pool:
+    async with ActorPool(
+        handler, ActorPoolOptions(size=4, capacity=10, retry=retry), metrics=metrics
+    ) as pool:
         good = pool.executor_for("good")
         held = pool.executor_for("held")
         bad = pool.executor_for("bad")
@@ -93,7 +97,7 @@ async def test_keyed_pool_mirrors_the_names_with_worker_id() -> None:
     async def handler(m: Message) -> None:
         pass
 
-    async with KeyedWorkerPool(handler, size=2, metrics=metrics) as pool:
+    async with KeyedWorkerPool(handler, PoolOptions(size=2), metrics=metrics) as pool:
         await (await pool.submit(msg("a", 0)))
         index = pool.executor_for("a")
     s = samples(registry)
