@@ -118,7 +118,9 @@ async def test_by_default_each_name_is_one_series_per_pool_summed_over_executors
             raise RuntimeError("x")
 
     retry = RetryPolicy(max_attempts=2, initial_backoff=0.0, jitter=0.0)
-    async with ActorPool(handler, size=4, inbox_size=10, retry=retry, metrics=metrics) as pool:
+    async with ActorPool(
+        handler, ActorPoolOptions(size=4, capacity=10, retry=retry), metrics=metrics
+    ) as pool:
         assert len({pool.executor_for(a) for a in ("good", "held", "poison")}) == 3
         await (await pool.submit(msg("good", 0)))
         await (await pool.submit(msg("good", 1)))
