@@ -758,6 +758,36 @@ class EventConsumer:
                 released.append(tp)
         return released
 
+    # ------------------------------------------------------ fleet control
+
+    def set_holds(
+        self, reason: str, partitions: Iterable[TopicPartition] | None
+    ) -> list[TopicPartition]:
+        """Hold exactly ``partitions`` for ``reason`` (all, now and later, when
+        ``None``; none when empty), replacing what it held. Partitions not
+        assigned yet are held from their assignment on (before any fetch)."""
+        if partitions is None:
+            self._holds_all.add(reason)
+            self._holds_some[reason].clear()
+        else:
+            self._holds_all.discard(reason)
+            self._holds_some[reason] = set(partitions)
+        for part in self._parts.values():
+            self._apply_pause(part)
+        return [tp for tp, p in sorted(self._parts.items()) if reason in p.holds]
+
+    def holds_of(self, reason: str) -> tuple[bool, frozenset[TopicPartition]]:
+        """What ``reason`` holds: (every partition, the listed ones)."""
+        return reason in self._holds_all, frozenset(self._holds_some[reason])
+
+    def partitions_for(self, topic: str) -> set[int] | None:
+        """The partitions of ``topic`` in the cluster metadata (``None``: unknown)."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        found = consumer.partitions_for_topic(topic)
+        return set(found) if found else None
+
     # ----------------------------------------------------------------- status
 
     @property

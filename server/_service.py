@@ -60,6 +60,9 @@ from server._control import (
     UnknownPartitionError,
 )
 from server._dlq import DeadLetterSink
+from server._fleet import FleetControl
+from server._fleet_metrics import FleetMetrics
+from server._fleet_service import build_fleet
 from server._handlers import load_handler
 from server._intake import Decoder
 from server._process_metrics import AsyncioTasksCollector
@@ -118,6 +121,8 @@ class Service:
         self._drain_lock = asyncio.Lock()
         self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        #: Fleet control (the control topic); ``None`` when disabled.
+        self.fleet: FleetControl | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -196,6 +201,11 @@ class Service:
         grpc_address = None
         if self._grpc_enabled:
             grpc_address = await self._start_grpc()
+        if s.control.enabled:
+            # Before the first fetch: the fleet's desired state wins over the configuration.
+            self.fleet = build_fleet(self, grpc_address)
+            FleetMetrics(self.fleet, self.registry, self._fleet_differences)
+            await self.fleet.start()
         await self._consumer.start()
         self._ready = True
         if self._grpc is not None:
@@ -278,6 +288,8 @@ class Service:
                 left = await consumer.wait_finished(self.settings.pool.drain_timeout_s)
                 await consumer.commit()
                 await consumer.close()
+            if self.fleet is not None:
+                await self.fleet.stop()
             if self._switch is not None:
                 await self._switch.close(timeout=0 if left else 1.0)
             if self._sink is not None:
@@ -356,6 +368,12 @@ class Service:
             group_id=s.kafka.consumer.group_id,
             instance=self.instance,
         )
+
+    def _fleet_differences(self) -> list[str]:
+        """How this replica differs from the fleet's desired state."""
+        if self.fleet is None or self._consumer is None or self._switch is None:
+            return []
+        return self.fleet.own_differences()
 
     def _check_ready(self) -> EventConsumer:
         if not self._ready or self._consumer is None:
