@@ -2,11 +2,17 @@
 
     poolctl [--target HOST:PORT]... [--token T] [--json] COMMAND [ARGS]
 
-Commands: ``status``, ``mode keyed|actor``, ``rollout N``,
+Commands: ``status``, ``fleet``, ``mode keyed|actor``, ``rollout N``,
 ``depth [--aggregate ID] [--top N]``, ``drain [--timeout S]``, ``pause``,
 ``resume``, ``dead-letters [--follow]``, ``redrive``. ``--deadline S`` bounds
 each call (default 10 s); ``drain --timeout S`` is how long the drain may take.
 Every command runs against every ``--target`` (concurrently) and reports each.
+
+Fleet scope: ``mode``, ``rollout``, ``pause`` and ``resume`` act on the whole
+consumer group by default (through the control topic; any replica will do),
+and answer with one result per replica; ``--replica`` acts on the replica
+called only; ``--expect-generation N`` writes only if the fleet is at
+generation N. ``fleet`` shows the desired state and every replica's report.
 
 Output: readable tables by default; ``--json`` prints the response as JSON (one
 object for one target, ``{"targets": [...]}`` for several; ``dead-letters``
@@ -53,6 +59,7 @@ from clients._client import (
     DeadlineError,
     dead_letter_filter,
     mode_name,
+    new_request_id,
 )
 
 EXIT_OK: Final = 0
@@ -197,6 +204,87 @@ def render_switch(r: pb.SwitchResult, replayed: bool) -> str:
         f"waited aggregates {r.waited_aggregates}   pending {r.pending_aggregates}"
     )
     return text + ("   (replayed: already applied)" if replayed else "")
+
+
+_OUTCOME_NAMES: Final = {
+    pb.REPLICA_OUTCOME_APPLIED: "applied",
+    pb.REPLICA_OUTCOME_PENDING: "pending",
+    pb.REPLICA_OUTCOME_FAILED: "failed",
+}
+
+
+def render_fleet_result(f: pb.FleetResult, replayed: bool = False) -> str:
+    head = (
+        f"fleet generation {f.previous_generation} -> {f.generation}   "
+        f"{'every live replica applied' if f.complete else 'NOT every replica applied'}   "
+        f"took {_duration(f.took)}" + ("   (replayed: already written)" if replayed else "")
+    )
+    rows = [
+        (
+            r.instance,
+            r.grpc_address,
+            _OUTCOME_NAMES.get(r.outcome, "?"),
+            r.applied_generation,
+            _duration(r.took) if r.HasField("took") else "-",
+            r.error,
+        )
+        for r in f.replicas
+    ]
+    return head + "\n" + table(("replica", "address", "outcome", "gen", "took", "error"), rows)
+
+
+def render_fleet(f: pb.GetFleetStatusResponse) -> str:
+    if not f.enabled:
+        return "fleet control disabled on this replica (control.enabled: false)"
+    lines = [f"control topic {f.topic}   answered by {f.instance}"]
+    if f.degraded:
+        lines.append(f"DEGRADED: {f.degraded_reason}")
+    if f.HasField("desired"):
+        d = f.desired
+        paused = (
+            "all"
+            if d.paused_all
+            else ", ".join(f"{p.topic}:{p.partition}" for p in d.paused) or "none"
+        )
+        lines.append(
+            f"desired    generation {d.generation}   mode {mode_name(d.mode)}   "
+            f"rollout {d.rollout_percent:g}%   paused {paused}"
+        )
+        lines.append(
+            f"last write {d.change or '-'} by {d.caller_role or '-'} {d.caller_peer or ''} "
+            f"through {d.writer or '-'} at {_time(d.time)}"
+        )
+    else:
+        lines.append("desired    none yet: every replica runs on its configuration")
+    rows = [
+        (
+            r.report.instance,
+            r.report.grpc_address,
+            r.report.applied_generation,
+            mode_name(r.report.mode),
+            f"{r.report.rollout_percent:g}%",
+            len(r.report.assigned),
+            r.report.lag,
+            "stale" if r.stale else ("diverged" if r.diverged else "ok"),
+            "; ".join(r.differences) or r.report.last_error,
+            _duration(r.age),
+        )
+        for r in f.replicas
+    ]
+    headers = (
+        "replica",
+        "address",
+        "gen",
+        "mode",
+        "rollout",
+        "parts",
+        "lag",
+        "state",
+        "detail",
+        "age",
+    )
+    lines.append(table(headers, rows) if rows else "no replica reports")
+    return "\n".join(lines)
 
 
 def render_depth(d: pb.GetInboxDepthResponse) -> str:
@@ -361,11 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how long to wait for in-flight aggregates to hand over (default 5)",
     )
+    _scope_options(p)
 
     p = sub.add_parser("rollout", parents=[common], help="share of aggregates on the actor pool")
     p.add_argument("percent", type=_percent, help="0..100")
     p.add_argument("--request-id")
     p.add_argument("--wait", type=float, default=None, metavar="S")
+    _scope_options(p)
 
     p = sub.add_parser("depth", parents=[common], help="inbox depth per executor")
     p.add_argument("--aggregate", default="", metavar="ID", help="where this aggregate goes")
@@ -383,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=f"{text} (all or listed partitions)")
         p.add_argument("--partition", action="append", type=_partition, metavar="TOPIC:N")
         p.add_argument("--request-id")
+        p.add_argument("--wait", type=float, default=None, metavar="S")
+        _scope_options(p)
+
+    sub.add_parser(
+        "fleet", parents=[common], help="the fleet's desired state and every replica's report"
+    )
 
     p = sub.add_parser("dead-letters", parents=[common], help="show (and follow) dead letters")
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming live ones")
@@ -395,6 +491,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-id")
     _filters(p)
     return parser
+
+
+def _scope_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fleet")
+    g.add_argument(
+        "--replica",
+        action="store_true",
+        help="act on the replica called only (default: the whole fleet, through the "
+        "control topic, when the service has it enabled)",
+    )
+    g.add_argument(
+        "--expect-generation",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fleet only: write only if the fleet is at generation N (compare-and-set)",
+    )
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
@@ -431,13 +544,13 @@ async def cmd_status(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[
 
 
 async def cmd_mode(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
-    r = await c.set_mode(a.mode, request_id=a.request_id, wait_timeout=a.wait)
-    return r, render_switch(r.result, r.replayed)
+    r = await c.set_mode(a.mode, request_id=a.request_id, wait_timeout=a.wait, **_scope(a))
+    return r, render_switch(r.result, r.replayed) + _fleet_text(r)
 
 
 async def cmd_rollout(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
-    r = await c.set_rollout(a.percent, request_id=a.request_id, wait_timeout=a.wait)
-    return r, render_switch(r.result, r.replayed)
+    r = await c.set_rollout(a.percent, request_id=a.request_id, wait_timeout=a.wait, **_scope(a))
+    return r, render_switch(r.result, r.replayed) + _fleet_text(r)
 
 
 async def cmd_depth(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
@@ -467,17 +580,36 @@ async def cmd_drain(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[P
 
 
 async def cmd_pause(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
-    parts = await c.pause(a.partition, request_id=a.request_id)
-    return pb.PauseResponse(
-        partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in parts]
-    ), render_partitions("paused", parts)
+    r = await c.pause_reply(a.partition, request_id=a.request_id, wait_timeout=a.wait, **_scope(a))
+    parts = [(p.topic, p.partition) for p in r.partitions]
+    verb = "paused (fleet: every partition)" if r.all_paused else "paused"
+    return r, render_partitions(verb, parts) + _fleet_text(r)
 
 
 async def cmd_resume(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
-    parts = await c.resume(a.partition, request_id=a.request_id)
-    return pb.ResumeResponse(
-        partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in parts]
-    ), render_partitions("resumed", parts)
+    r = await c.resume_reply(a.partition, request_id=a.request_id, wait_timeout=a.wait, **_scope(a))
+    parts = [(p.topic, p.partition) for p in r.partitions]
+    return r, render_partitions("resumed", parts) + _fleet_text(r)
+
+
+async def cmd_fleet(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    r = await c.fleet_status()
+    return r, render_fleet(r)
+
+
+def _scope(a: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "scope": "replica" if a.replica else None,
+        "expected_generation": a.expect_generation,
+    }
+
+
+def _fleet_text(
+    r: pb.SetPoolModeResponse | pb.SetRolloutResponse | pb.PauseResponse | pb.ResumeResponse,
+) -> str:
+    if not r.HasField("fleet"):
+        return ""
+    return "\n" + render_fleet_result(r.fleet, r.replayed)
 
 
 def _filter_from(a: argparse.Namespace) -> pb.DeadLetterFilter:
@@ -510,7 +642,12 @@ COMMANDS: Final[dict[str, Command]] = {
     "pause": cmd_pause,
     "resume": cmd_resume,
     "redrive": cmd_redrive,
+    "fleet": cmd_fleet,
 }
+
+#: Commands with fleet scope: one request ID for every --target, so a fleet
+#: write fanned out to several replicas is written once.
+FLEET_COMMANDS: Final = frozenset({"mode", "rollout", "pause", "resume"})
 
 
 async def stream_dead_letters(
@@ -633,6 +770,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--top must be within 0..1000")
     if args.command == "redrive" and args.ids and args.all:
         parser.error("--id and --all are exclusive")
+    if args.command in FLEET_COMMANDS:
+        if args.replica and args.expect_generation is not None:
+            parser.error("--expect-generation applies to the fleet, not with --replica")
+        if not args.replica and not args.request_id:
+            args.request_id = new_request_id()
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

@@ -621,7 +621,9 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
                     fleet, "SetPoolMode", fleet_rpc.Change("mode", mode=mode), request, wait
                 )
                 local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
-                return pb.SetPoolModeResponse(result=switch_result_to_pb(local), fleet=result)
+                return pb.SetPoolModeResponse(
+                    result=switch_result_to_pb(local), fleet=result, replayed=done.replayed
+                )
 
             return await self._replay.run("SetPoolMode", request.request_id, change_fleet)
 
@@ -646,7 +648,9 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
                     fleet, "SetRollout", fleet_rpc.Change("rollout", rollout=percent), request, wait
                 )
                 local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
-                return pb.SetRolloutResponse(result=switch_result_to_pb(local), fleet=result)
+                return pb.SetRolloutResponse(
+                    result=switch_result_to_pb(local), fleet=result, replayed=done.replayed
+                )
 
             return await self._replay.run("SetRollout", request.request_id, change_fleet)
 
@@ -672,7 +676,9 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             async def pause_fleet() -> pb.PauseResponse:
                 done, result = await fleet_rpc.write(fleet, "Pause", change, request, wait)
                 paused, every = fleet_rpc.paused_to_pb(done)
-                return pb.PauseResponse(partitions=paused, all_paused=every, fleet=result)
+                return pb.PauseResponse(
+                    partitions=paused, all_paused=every, fleet=result, replayed=done.replayed
+                )
 
             return await self._replay.run("Pause", request.request_id, pause_fleet)
 
@@ -698,7 +704,10 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
                 done, result = await fleet_rpc.write(fleet, "Resume", change, request, wait)
                 resumed = fleet_rpc.resumed_to_pb(done, before)
                 return pb.ResumeResponse(
-                    partitions=resumed, all_paused=done.state.paused.all, fleet=result
+                    partitions=resumed,
+                    all_paused=done.state.paused.all,
+                    fleet=result,
+                    replayed=done.replayed,
                 )
 
             return await self._replay.run("Resume", request.request_id, resume_fleet)
