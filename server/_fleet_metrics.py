@@ -26,7 +26,7 @@ FleetMetricName = Literal[
     # Gauge: 1 when the control topic cannot be read (running on the
     # configuration or the last state read, retrying), else 0.
     "kafka_eventbus_fleet_degraded",
-    # Gauge {state}: replicas known from their reports, "live" or "stale".
+    # Gauge {kind}: replicas known from their reports, "live" or "stale".
     "kafka_eventbus_fleet_replicas",
     # Counter {outcome}: fleet writes through this replica: accepted,
     # replayed, precondition, conflict.
@@ -84,7 +84,7 @@ class _FleetCollector(Collector):
         replicas = GaugeMetricFamily(
             "kafka_eventbus_fleet_replicas",
             "Replicas known from their reports on the control topic, live or stale.",
-            labels=["state"],
+            labels=["kind"],
         )
         replicas.add_metric(["live"], live)
         replicas.add_metric(["stale"], len(f.reports) - live)
