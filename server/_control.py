@@ -52,6 +52,11 @@ class PreconditionError(ControlError):
     """
 
 
+class ConflictError(ControlError):
+    """A concurrent change won the race (``ABORTED``): a fleet write whose
+    generation another write took first, by the control topic's order."""
+
+
 class DrainIncompleteError(ControlError):
     """``drain`` ran out of time (``DEADLINE_EXCEEDED``).
 

@@ -43,8 +43,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from pool import DeadLetter, DrainTimeoutError, PoolClosedError, PoolMode
+from server import _fleet_rpc as fleet_rpc
 from server._config import host_is_loopback
 from server._control import (
+    ConflictError,
     ControlError,
     ControlTarget,
     DeadLetterFilter,
@@ -128,6 +130,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         case UnknownPartitionError():
             return grpc.StatusCode.NOT_FOUND, str(exc)
+        case ConflictError():
+            return grpc.StatusCode.ABORTED, str(exc)
         case NotReadyError() | PoolClosedError():
             return grpc.StatusCode.UNAVAILABLE, str(exc) or "service not ready"
         case PreconditionError() | ControlError():
@@ -542,7 +546,14 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatusResponse:
-        return status_to_pb(self._target.status())
+        response = status_to_pb(self._target.status())
+        fleet_rpc.add_replica_fleet_status(response, self._target)
+        return response
+
+    async def GetFleetStatus(
+        self, request: pb.GetFleetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetFleetStatusResponse:
+        return fleet_rpc.fleet_status(self._target)
 
     async def GetInboxDepth(
         self, request: pb.GetInboxDepthRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -603,6 +614,18 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
     ) -> pb.SetPoolModeResponse:
         mode = _mode_from_pb(request.mode, "mode")
         wait = _wait_timeout(request)
+        if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
+
+            async def change_fleet() -> pb.SetPoolModeResponse:
+                done, result = await fleet_rpc.write(
+                    fleet, "SetPoolMode", fleet_rpc.Change("mode", mode=mode), request, wait
+                )
+                local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
+                return pb.SetPoolModeResponse(
+                    result=switch_result_to_pb(local), fleet=result, replayed=done.replayed
+                )
+
+            return await self._replay.run("SetPoolMode", request.request_id, change_fleet)
 
         async def change() -> pb.SetPoolModeResponse:
             async with self._switch_lock:
@@ -618,6 +641,18 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         if not math.isfinite(percent) or not 0.0 <= percent <= 100.0:
             raise InvalidArgumentError(f"rollout percent must be within 0..100, got {percent!r}")
         wait = _wait_timeout(request)
+        if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
+
+            async def change_fleet() -> pb.SetRolloutResponse:
+                done, result = await fleet_rpc.write(
+                    fleet, "SetRollout", fleet_rpc.Change("rollout", rollout=percent), request, wait
+                )
+                local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
+                return pb.SetRolloutResponse(
+                    result=switch_result_to_pb(local), fleet=result, replayed=done.replayed
+                )
+
+            return await self._replay.run("SetRollout", request.request_id, change_fleet)
 
         async def change() -> pb.SetRolloutResponse:
             async with self._switch_lock:
@@ -631,6 +666,21 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         self, request: pb.PauseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PauseResponse:
         partitions = _partitions_from_pb(request.partitions)
+        if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
+            fleet_rpc.check_partitions(fleet, partitions)
+            wait = fleet_rpc.fleet_wait(request)
+            change = fleet_rpc.Change(
+                "pause", partitions=None if partitions is None else tuple(partitions)
+            )
+
+            async def pause_fleet() -> pb.PauseResponse:
+                done, result = await fleet_rpc.write(fleet, "Pause", change, request, wait)
+                paused, every = fleet_rpc.paused_to_pb(done)
+                return pb.PauseResponse(
+                    partitions=paused, all_paused=every, fleet=result, replayed=done.replayed
+                )
+
+            return await self._replay.run("Pause", request.request_id, pause_fleet)
 
         async def pause() -> pb.PauseResponse:
             paused = await self._target.pause(partitions)
@@ -642,6 +692,25 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ResumeResponse:
         partitions = _partitions_from_pb(request.partitions)
+        if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
+            fleet_rpc.check_partitions(fleet, partitions)
+            wait = fleet_rpc.fleet_wait(request)
+            change = fleet_rpc.Change(
+                "resume", partitions=None if partitions is None else tuple(partitions)
+            )
+
+            async def resume_fleet() -> pb.ResumeResponse:
+                before = fleet_rpc.paused_before(fleet)
+                done, result = await fleet_rpc.write(fleet, "Resume", change, request, wait)
+                resumed = fleet_rpc.resumed_to_pb(done, before)
+                return pb.ResumeResponse(
+                    partitions=resumed,
+                    all_paused=done.state.paused.all,
+                    fleet=result,
+                    replayed=done.replayed,
+                )
+
+            return await self._replay.run("Resume", request.request_id, resume_fleet)
 
         async def resume() -> pb.ResumeResponse:
             resumed = await self._target.resume(partitions)
