@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from server._config import ConfigError, Settings, load_settings
     from server._consumer import ConsumerOptions, EventConsumer
     from server._dlq import DeadLetterSink
+    from server._errors import ServiceError
     from server._grpc import start_grpc_server
     from server._handlers import HandlerLoadError, load_handler
     from server._intake import Decoder
@@ -36,6 +37,7 @@ _EXPORTS = {
     "HandlerLoadError": "server._handlers",
     "OffsetTracker": "server._offsets",
     "Service": "server._service",
+    "ServiceError": "server._errors",
     "Settings": "server._config",
     "configure_logging": "server._logging",
     "load_handler": "server._handlers",
@@ -55,6 +57,7 @@ __all__ = [
     "HandlerLoadError",
     "OffsetTracker",
     "Service",
+    "ServiceError",
     "Settings",
     "configure_logging",
     "load_handler",

@@ -33,6 +33,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
 from pool import DeadLetter
 from server._control import DeadLetterFilter, RedriveResult
+from server._errors import ServiceError
 from server._logging import event_fields
 
 log = structlog.get_logger("server.dlq")
@@ -71,7 +72,7 @@ ERROR_MESSAGE_LIMIT: Final = 1024
 TRACEBACK_LIMIT: Final = 4096
 
 
-class DeadLetterSinkError(Exception):
+class DeadLetterSinkError(ServiceError):
     """The sink is not started, or is closed."""
 
 

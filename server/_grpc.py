@@ -59,6 +59,7 @@ from server._control import (
     UnknownPartitionError,
 )
 from server._control_metrics import ControlMetrics, control_metrics
+from server._errors import ServiceError
 
 log = structlog.get_logger("server.grpc")
 audit_log = structlog.get_logger("server.audit")
@@ -93,11 +94,11 @@ _M = TypeVar("_M", bound=ProtoMessage)
 # ------------------------------------------------------------------ errors
 
 
-class GrpcConfigError(ValueError):
+class GrpcConfigError(ServiceError, ValueError):
     """The control plane refuses to start with this configuration."""
 
 
-class RpcStatusError(Exception):
+class RpcStatusError(ServiceError):
     """Raised inside the control plane to answer with a specific status code."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
