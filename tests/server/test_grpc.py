@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from structlog.testing import capture_logs
 
 from pool import PoolMode, executor_index
+from server._control import ServiceStatus
 from server._grpc import SERVICE_NAME, GrpcConfigError, start_grpc_server
 from tests.helpers import assert_eventually
 from tests.server.control_standin import StandInControlTarget, make_switch
@@ -491,6 +492,51 @@ async def test_calls_are_counted_and_timed_by_method_and_code() -> None:
             == 1
         )
         assert h.metric("pool_control_grpc_call_duration_seconds_count", method="GetStatus") == 2
+
+
+# -------------------------------------------------------- errors and logs
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError])
+async def test_an_internal_error_in_a_handler_is_internal_with_a_generic_message(
+    error: type[Exception],
+) -> None:
+    async with control_server() as h:
+
+        def broken() -> ServiceStatus:
+            raise error("a bug of ours: secret detail")
+
+        h.target.status = broken  # type: ignore[method-assign]
+        with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.stub.GetStatus(pb.GetStatusRequest())
+        assert info.value.code() is grpc.StatusCode.INTERNAL
+        assert info.value.details() == f"internal error ({error.__name__}); see server log"
+        failed = [e for e in logs if e["event"] == "control.call_failed"]
+        assert len(failed) == 1
+        assert "a bug of ours: secret detail" in failed[0]["error"]
+        assert failed[0]["log_level"] == "error"
+        assert h.metric("pool_control_grpc_calls_total", method="GetStatus", code="INTERNAL") == 1
+
+
+async def test_a_client_cancelling_its_stream_is_logged_as_an_end_not_a_refusal() -> None:
+    async with control_server() as h:
+        with capture_logs() as logs:
+            stream = h.stub.StreamDeadLetters(pb.StreamDeadLettersRequest(follow=True))
+            assert (await stream.read()).WhichOneof("event") == "backlog_end"
+            stream.cancel()
+            await assert_eventually(
+                lambda: any(e["event"] == "control.stream_cancelled" for e in logs),
+                message="the end of the stream logged",
+            )
+            await h.stub.GetStatus(pb.GetStatusRequest())
+        ended = [e for e in logs if e["event"] == "control.stream_cancelled"]
+        assert [(e["method"], e["log_level"]) for e in ended] == [("StreamDeadLetters", "info")]
+        assert [e for e in logs if e["event"] == "control.call_refused"] == []
+        assert h.target.subscribers == 0
+        cancelled = h.metric(
+            "pool_control_grpc_calls_total", method="StreamDeadLetters", code="CANCELLED"
+        )
+        assert cancelled == 1
 
 
 # --------------------------------------------------------- server set-up
