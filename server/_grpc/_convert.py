@@ -37,6 +37,15 @@ _MODE_FROM_PB: Final = {v: k for k, v in _MODE_TO_PB.items()}
 # ------------------------------------------------------------ requests
 
 
+def seconds_from_pb(value: duration_pb2.Duration | timestamp_pb2.Timestamp, field: str) -> float:
+    """A Duration (or a Timestamp, since the epoch) in seconds; a value protobuf
+    itself refuses (e.g. a Timestamp's nanos outside 0..999 999 999) is invalid."""
+    try:
+        return value.ToNanoseconds() / 1e9
+    except ValueError as exc:  # protobuf's own check of the message
+        raise InvalidArgumentError(f"{field}: {exc}") from exc
+
+
 def mode_from_pb(value: int, field: str) -> PoolMode:
     mode: PoolMode | None = _MODE_FROM_PB.get(value)  # type: ignore[call-overload]
     if mode is None:
@@ -51,7 +60,7 @@ def wait_timeout_from_pb(request: pb.SetPoolModeRequest | pb.SetRolloutRequest) 
     """``wait_timeout`` in seconds (:data:`DEFAULT_SWITCH_WAIT` when unset)."""
     if not request.HasField("wait_timeout"):
         return DEFAULT_SWITCH_WAIT
-    wait = request.wait_timeout.ToNanoseconds() / 1e9
+    wait = seconds_from_pb(request.wait_timeout, "wait_timeout")
     if not 0 <= wait <= MAX_DRAIN_TIMEOUT:
         raise InvalidArgumentError(f"wait_timeout must be within 0..{MAX_DRAIN_TIMEOUT:g} s")
     return wait
@@ -61,7 +70,7 @@ def drain_timeout_from_pb(request: pb.DrainRequest) -> float:
     """``timeout`` in seconds: required, within (0, :data:`MAX_DRAIN_TIMEOUT`]."""
     if not request.HasField("timeout"):
         raise InvalidArgumentError("timeout is required")
-    timeout = request.timeout.ToNanoseconds() / 1e9
+    timeout = seconds_from_pb(request.timeout, "timeout")
     if not 0 < timeout <= MAX_DRAIN_TIMEOUT:
         raise InvalidArgumentError(
             f"timeout must be within (0, {MAX_DRAIN_TIMEOUT:g}] seconds, got {timeout:g}"
@@ -89,7 +98,7 @@ def filter_from_pb(f: pb.DeadLetterFilter) -> DeadLetterFilter:
         aggregate_id=f.aggregate_id,
         error_type=f.error_type,
         reason=f.reason,
-        since=f.since.ToNanoseconds() / 1e9 if f.HasField("since") else 0.0,
+        since=seconds_from_pb(f.since, "filter.since") if f.HasField("since") else 0.0,
     )
 
 

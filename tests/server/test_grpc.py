@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from actorpool.control.v1 import control_pb2 as pb
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from structlog.testing import capture_logs
@@ -413,6 +413,18 @@ async def test_redrive_without_a_selection_is_invalid() -> None:
         assert await code_of(h.stub.RedriveDeadLetters(none)) is grpc.StatusCode.INVALID_ARGUMENT
         both = pb.RedriveDeadLettersRequest(ids=["a"], filter=pb.DeadLetterFilter(topic="t"))
         assert await code_of(h.stub.RedriveDeadLetters(both)) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_timestamp_protobuf_refuses_is_an_invalid_argument() -> None:
+    bad = pb.DeadLetterFilter(since=timestamp_pb2.Timestamp(seconds=1, nanos=-904))
+    async with control_server() as h:
+        stream = h.stub.StreamDeadLetters(pb.StreamDeadLettersRequest(filter=bad))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream.read()
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "filter.since" in (info.value.details() or "")
+        redrive = h.stub.RedriveDeadLetters(pb.RedriveDeadLettersRequest(filter=bad))
+        assert await code_of(redrive) is grpc.StatusCode.INVALID_ARGUMENT
 
 
 # -------------------------------------------------------------------- auth
