@@ -54,10 +54,12 @@ from prometheus_client import CollectorRegistry
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     BasePool,
     KeyedWorkerPool,
     Message,
     PoolMode,
+    PoolOptions,
     PoolSwitch,
     PrometheusPoolMetrics,
     QueueFullError,
@@ -121,8 +123,8 @@ def build_pools(
         registry = CollectorRegistry()
         km = PrometheusPoolMetrics("keyed", size, registry)
         am = PrometheusPoolMetrics("actor", size, registry)
-    keyed = KeyedWorkerPool(handler, size=size, queue_size=cap, metrics=km)
-    actor = ActorPool(handler, size=size, inbox_size=cap, metrics=am)
+    keyed = KeyedWorkerPool(handler, PoolOptions(size=size, capacity=cap), metrics=km)
+    actor = ActorPool(handler, ActorPoolOptions(size=size, capacity=cap), metrics=am)
     return keyed, actor
 
 
@@ -189,9 +191,9 @@ async def memory_per_queued_event(size: int, cap: int, aggregates: int) -> dict[
 
     async def fill_pool(kind: str) -> Any:
         pool: BasePool = (
-            KeyedWorkerPool(blocked, size=size, queue_size=cap)
+            KeyedWorkerPool(blocked, PoolOptions(size=size, capacity=cap))
             if kind == "keyed"
-            else ActorPool(blocked, size=size, inbox_size=cap)
+            else ActorPool(blocked, ActorPoolOptions(size=size, capacity=cap))
         )
         pools.append(pool)
         pool.start()

@@ -19,13 +19,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 from actorpool.control.v1 import control_pb2 as pb
 from actorpool.control.v1 import control_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message as ProtoMessage
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+if TYPE_CHECKING:
+    from actorpool.control.v1.control_pb2_grpc import PoolControlAsyncStub
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["PoolControl"].full_name
@@ -33,6 +37,8 @@ SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["PoolControl"].full_name
 DRAIN_GRACE: Final = 10.0
 
 Partition = tuple[str, int]
+_Request = TypeVar("_Request", bound=ProtoMessage)
+_Response = TypeVar("_Response", bound=ProtoMessage)
 
 # ------------------------------------------------------------------ errors
 
@@ -166,8 +172,12 @@ def mode_value(mode: str | int) -> pb.PoolMode.ValueType:
         raise ValueError(f"mode must be 'keyed' or 'actor', got {mode!r}") from None
 
 
+_MODE_NAMES: Final[dict[int, str]] = {value: name for name, value in _MODES.items()}
+
+
 def mode_name(value: int) -> str:
-    return {pb.POOL_MODE_KEYED: "keyed", pb.POOL_MODE_ACTOR: "actor"}.get(value, "unspecified")  # type: ignore[call-overload, no-any-return]
+    """Enum value → ``"keyed"``/``"actor"`` (``"unspecified"`` for anything else)."""
+    return _MODE_NAMES.get(value, "unspecified")
 
 
 def seconds(value: float) -> duration_pb2.Duration:
@@ -356,8 +366,9 @@ class AsyncPoolControlClient(_Base):
             self._channel = grpc.aio.secure_channel(target, tls.credentials(), tls.options())
         else:
             self._channel = grpc.aio.insecure_channel(target)
-        self._stub: Any = pb_grpc.PoolControlStub(self._channel)
-        self._health: Any = health_pb2_grpc.HealthStub(self._channel)
+        self._stub: PoolControlAsyncStub = pb_grpc.PoolControlStub(self._channel)
+        # grpc_health ships no stubs for health_pb2_grpc: the health stub is untyped.
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def close(self) -> None:
         """Close the channel. Idempotent."""
@@ -370,9 +381,13 @@ class AsyncPoolControlClient(_Base):
         await self.close()
 
     async def _unary(
-        self, method: str, request: Any, timeout: float | None, *, retry: bool = True
-    ) -> Any:
-        call = getattr(self._stub, method)
+        self,
+        call: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+        *,
+        retry: bool = True,
+    ) -> _Response:
         attempts = self.retry.attempts if retry else 1
         for attempt in range(1, attempts + 1):
             try:
@@ -385,7 +400,7 @@ class AsyncPoolControlClient(_Base):
 
     # ---------------------------------------------------------- reads
     async def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
-        return await self._unary("GetStatus", pb.GetStatusRequest(), timeout)  # type: ignore[no-any-return]
+        return await self._unary(self._stub.GetStatus, pb.GetStatusRequest(), timeout)
 
     async def inbox_depth(
         self,
@@ -397,7 +412,7 @@ class AsyncPoolControlClient(_Base):
         timeout: float | None = None,
     ) -> pb.GetInboxDepthResponse:
         request = _inbox_depth_request(aggregate_id, top, pool, omit_executors)
-        return await self._unary("GetInboxDepth", request, timeout)  # type: ignore[no-any-return]
+        return await self._unary(self._stub.GetInboxDepth, request, timeout)
 
     async def health(self, *, timeout: float | None = None) -> str:
         """``"SERVING"`` / ``"NOT_SERVING"`` of the control service (no token needed)."""
@@ -420,7 +435,7 @@ class AsyncPoolControlClient(_Base):
         timeout: float | None = None,
     ) -> pb.SetPoolModeResponse:
         request = _set_mode_request(mode, request_id, wait_timeout)
-        return await self._unary("SetPoolMode", request, timeout)  # type: ignore[no-any-return]
+        return await self._unary(self._stub.SetPoolMode, request, timeout)
 
     async def set_rollout(
         self,
@@ -431,7 +446,7 @@ class AsyncPoolControlClient(_Base):
         timeout: float | None = None,
     ) -> pb.SetRolloutResponse:
         request = _set_rollout_request(percent, request_id, wait_timeout)
-        return await self._unary("SetRollout", request, timeout)  # type: ignore[no-any-return]
+        return await self._unary(self._stub.SetRollout, request, timeout)
 
     async def pause(
         self,
@@ -441,7 +456,8 @@ class AsyncPoolControlClient(_Base):
         timeout: float | None = None,
     ) -> list[Partition]:
         request = _intake_request(pb.PauseRequest, partitions, request_id)
-        return _partition_list(await self._unary("Pause", request, timeout))
+        reply = await self._unary(self._stub.Pause, request, timeout)
+        return _partition_list(reply)
 
     async def resume(
         self,
@@ -451,7 +467,8 @@ class AsyncPoolControlClient(_Base):
         timeout: float | None = None,
     ) -> list[Partition]:
         request = _intake_request(pb.ResumeRequest, partitions, request_id)
-        return _partition_list(await self._unary("Resume", request, timeout))
+        reply = await self._unary(self._stub.Resume, request, timeout)
+        return _partition_list(reply)
 
     async def drain(
         self,
@@ -514,7 +531,7 @@ class AsyncPoolControlClient(_Base):
         timeout: float | None = None,
     ) -> pb.RedriveDeadLettersResponse:
         request = _redrive_request(ids, filter, all, request_id)
-        return await self._unary("RedriveDeadLetters", request, timeout)  # type: ignore[no-any-return]
+        return await self._unary(self._stub.RedriveDeadLetters, request, timeout)
 
 
 # ------------------------------------------------------------- sync client
@@ -537,8 +554,9 @@ class PoolControlClient(_Base):
             self._channel = grpc.secure_channel(target, tls.credentials(), tls.options())
         else:
             self._channel = grpc.insecure_channel(target)
-        self._stub: Any = pb_grpc.PoolControlStub(self._channel)
-        self._health: Any = health_pb2_grpc.HealthStub(self._channel)
+        self._stub = pb_grpc.PoolControlStub(self._channel)
+        # grpc_health ships no stubs for health_pb2_grpc: the health stub is untyped.
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
         """Close the channel. Idempotent."""
@@ -550,8 +568,12 @@ class PoolControlClient(_Base):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
-        call = getattr(self._stub, method)
+    def _unary(
+        self,
+        call: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+    ) -> _Response:
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 return call(request, timeout=self._timeout(timeout), metadata=self._metadata)
@@ -562,7 +584,7 @@ class PoolControlClient(_Base):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
-        return self._unary("GetStatus", pb.GetStatusRequest(), timeout)  # type: ignore[no-any-return]
+        return self._unary(self._stub.GetStatus, pb.GetStatusRequest(), timeout)
 
     def inbox_depth(
         self,
@@ -574,7 +596,7 @@ class PoolControlClient(_Base):
         timeout: float | None = None,
     ) -> pb.GetInboxDepthResponse:
         request = _inbox_depth_request(aggregate_id, top, pool, omit_executors)
-        return self._unary("GetInboxDepth", request, timeout)  # type: ignore[no-any-return]
+        return self._unary(self._stub.GetInboxDepth, request, timeout)
 
     def health(self, *, timeout: float | None = None) -> str:
         try:
@@ -595,7 +617,7 @@ class PoolControlClient(_Base):
         timeout: float | None = None,
     ) -> pb.SetPoolModeResponse:
         request = _set_mode_request(mode, request_id, wait_timeout)
-        return self._unary("SetPoolMode", request, timeout)  # type: ignore[no-any-return]
+        return self._unary(self._stub.SetPoolMode, request, timeout)
 
     def set_rollout(
         self,
@@ -606,7 +628,7 @@ class PoolControlClient(_Base):
         timeout: float | None = None,
     ) -> pb.SetRolloutResponse:
         request = _set_rollout_request(percent, request_id, wait_timeout)
-        return self._unary("SetRollout", request, timeout)  # type: ignore[no-any-return]
+        return self._unary(self._stub.SetRollout, request, timeout)
 
     def pause(
         self,
@@ -616,7 +638,8 @@ class PoolControlClient(_Base):
         timeout: float | None = None,
     ) -> list[Partition]:
         request = _intake_request(pb.PauseRequest, partitions, request_id)
-        return _partition_list(self._unary("Pause", request, timeout))
+        reply = self._unary(self._stub.Pause, request, timeout)
+        return _partition_list(reply)
 
     def resume(
         self,
@@ -626,7 +649,8 @@ class PoolControlClient(_Base):
         timeout: float | None = None,
     ) -> list[Partition]:
         request = _intake_request(pb.ResumeRequest, partitions, request_id)
-        return _partition_list(self._unary("Resume", request, timeout))
+        reply = self._unary(self._stub.Resume, request, timeout)
+        return _partition_list(reply)
 
     def drain(
         self,
@@ -672,7 +696,8 @@ class PoolControlClient(_Base):
         except grpc.RpcError as exc:
             raise _error(exc, self.target) from None
         finally:
-            stream.cancel()
+            # grpc-stubs leaves RpcContext.cancel unannotated.
+            stream.cancel()  # type: ignore[no-untyped-call]
 
     def redrive(
         self,
@@ -684,4 +709,4 @@ class PoolControlClient(_Base):
         timeout: float | None = None,
     ) -> pb.RedriveDeadLettersResponse:
         request = _redrive_request(ids, filter, all, request_id)
-        return self._unary("RedriveDeadLetters", request, timeout)  # type: ignore[no-any-return]
+        return self._unary(self._stub.RedriveDeadLetters, request, timeout)

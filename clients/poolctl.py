@@ -8,9 +8,12 @@ Commands: ``status``, ``mode keyed|actor``, ``rollout N``,
 each call (default 10 s); ``drain --timeout S`` is how long the drain may take.
 Every command runs against every ``--target`` (concurrently) and reports each.
 
-Output: readable tables by default; ``--json`` prints the response as JSON (one
-object for one target, ``{"targets": [...]}`` for several; ``dead-letters``
-prints one JSON object per line).
+Output: readable tables by default; ``--json`` prints the response as JSON for
+scripts (one object for one target, ``{"targets": [...]}`` for several;
+``dead-letters`` prints one JSON object per line): field names as in the
+``.proto``, 64-bit integers as numbers, durations as seconds, timestamps as
+RFC 3339 strings, enums as short names (``"KEYED"``). The shape of each
+command's output is in docs/control-plane.md.
 
 Exit codes (for several targets: the first failing target's code):
 
@@ -31,18 +34,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 import grpc
 from actorpool.control.v1 import control_pb2 as pb
-from google.protobuf.json_format import MessageToDict
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message as ProtoMessage
 
 from clients._client import (
@@ -89,9 +94,71 @@ class UsageError(Exception):
 
 
 def to_dict(message: ProtoMessage) -> dict[str, Any]:
-    return MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    """``message`` as JSON for scripts: every field under its ``.proto`` name;
+    64-bit integers as numbers (not strings, as proto JSON has them); a
+    ``Duration`` as seconds (a number); a ``Timestamp`` as an RFC 3339 string
+    (UTC, ``Z``); an enum as its name without the type's prefix (``"KEYED"``);
+    bytes as base64. A field that can be unset (``optional``, or a message) is
+    ``null`` when unset; of a ``oneof``, only the member that is set appears."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        entry = field.message_type
+        oneof = field.containing_oneof
+        if field.is_repeated and entry is not None and entry.GetOptions().map_entry:
+            of = entry.fields_by_name["value"].enum_type
+            out[field.name] = {k: _json_value(of, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_json_value(field.enum_type, v) for v in value]
+        elif not field.has_presence or message.HasField(field.name):
+            out[field.name] = _json_value(field.enum_type, value)
+        # Unset: null, but an unset member of a declared oneof is left out (the
+        # synthetic oneof of a proto3 ``optional`` is named after its one field).
+        elif oneof is None or oneof.name == f"_{field.name}":
+            out[field.name] = None
+    return out
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class _EnumType(Protocol):
+    """What :func:`enum_name` reads of an enum descriptor (pure-Python or upb)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def values_by_number(self) -> Mapping[int, _Named]: ...
+
+
+def _json_value(enum: _EnumType | None, value: Any) -> Any:
+    if isinstance(value, timestamp_pb2.Timestamp):
+        return value.ToJsonString()
+    if isinstance(value, duration_pb2.Duration):
+        return value.ToNanoseconds() / 1e9
+    if isinstance(value, ProtoMessage):
+        return to_dict(value)
+    if enum is not None:
+        return enum_name(enum, value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def enum_name(enum: _EnumType, number: int) -> str | int:
+    """``POOL_MODE_ACTOR`` of ``PoolMode`` → ``"ACTOR"``; an unknown number as is."""
+    value = enum.values_by_number.get(number)
+    if value is None:
+        return number
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+    return value.name.removeprefix(prefix)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 dead letter``, ``2 dead letters``, ``0 events``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -134,15 +201,48 @@ def _opt(message: Any, field: str) -> int | None:
     return getattr(message, field) if message.HasField(field) else None
 
 
+def intake_state(s: pb.GetStatusResponse) -> tuple[str, str]:
+    """The intake's state, from ``draining`` and the partitions' pause reasons,
+    and a detail for people. States: ``draining`` (a drain is running),
+    ``drained`` (every partition paused by a drain, until ``poolctl resume``),
+    ``paused`` (every partition paused by a drain or the operator),
+    ``partly paused`` (some), ``running`` (backpressure lifts by itself), and
+    ``unassigned`` (no partitions)."""
+    total = len(s.partitions)
+    paused = [p for p in s.partitions if p.paused]
+    held = sum(bool({"drain", "operator"} & set(p.paused_reasons)) for p in s.partitions)
+    if s.draining:
+        state = "draining"
+    elif not total:
+        state = "unassigned"
+    elif all("drain" in p.paused_reasons for p in s.partitions):
+        state = "drained"
+    elif held == total:
+        state = "paused"
+    elif held:
+        state = "partly paused"
+    else:
+        state = "running"
+    if not paused:
+        return state, ""
+    reasons = sorted({r for p in paused for r in p.paused_reasons})
+    detail = f"{len(paused)} of {plural(total, 'partition')} paused ({', '.join(reasons)})"
+    if held:
+        detail += "; `poolctl resume` restarts intake"
+    return state, detail
+
+
 def render_status(s: pb.GetStatusResponse) -> str:
+    state, detail = intake_state(s)
     lines = [
         (
             f"mode        {mode_name(s.mode)}   rollout {s.rollout_percent:g}%   "
             f"generation {s.generation}   since {_time(s.since)}"
         ),
+        f"intake      {state}" + (f": {detail}" if detail else ""),
         (
-            f"ready       {_cell(s.ready)}   draining {_cell(s.draining)}   "
-            f"uptime {_duration(s.uptime)}   version {s.version or '-'}"
+            f"ready       {_cell(s.ready)}   uptime {_duration(s.uptime)}   "
+            f"version {s.version or '-'}"
         ),
         f"in flight   {s.in_flight}   dead letters {s.dead_letters}   restarts {s.restarts}",
     ]
@@ -199,12 +299,23 @@ def render_switch(r: pb.SwitchResult, replayed: bool) -> str:
     return text + ("   (replayed: already applied)" if replayed else "")
 
 
+def rollout_note(r: pb.SwitchResult) -> str:
+    """Said when the rollout was set while the service is not in ACTOR mode."""
+    if r.mode == pb.POOL_MODE_ACTOR:
+        return ""
+    return (
+        f"note: the service is in {mode_name(r.mode)} mode; the rollout takes effect in "
+        f"actor mode (`poolctl mode actor`), where {r.rollout_percent:g}% of aggregates "
+        "go to the actor pool"
+    )
+
+
 def render_depth(d: pb.GetInboxDepthResponse) -> str:
     lines = [f"total depth {d.total}"]
     for p in d.pools:
         lines.append(
             f"\n{mode_name(p.mode)} pool ({'active' if p.active else 'draining'}): "
-            f"total {p.total}, {p.size} executors x capacity {p.capacity}"
+            f"total {p.total}, {plural(p.size, 'executor')} x capacity {p.capacity}"
         )
         lines.append(
             table(
@@ -224,7 +335,8 @@ def render_depth(d: pb.GetInboxDepthResponse) -> str:
 def render_drain(r: pb.DrainResult) -> str:
     state = "complete" if r.complete else "INCOMPLETE"
     lines = [
-        f"drain {state}: finished {r.finished}, remaining {r.remaining}, took {_duration(r.took)}"
+        f"drain {state}: {plural(r.finished, 'event')} finished, {r.remaining} remaining, "
+        f"took {_duration(r.took)}"
         + (", intake resumed" if r.resumed else ", intake paused until `poolctl resume`")
         + ("   (replayed)" if r.replayed else "")
     ]
@@ -253,9 +365,23 @@ def render_dead_letter(d: pb.DeadLetter) -> str:
 
 
 def render_redrive(r: pb.RedriveDeadLettersResponse) -> str:
-    lines = [f"matched {r.matched}, republished {r.republished}, failed {r.failed}"]
+    matched = plural(r.matched, "dead letter")
+    lines = [f"matched {matched}, republished {r.republished}, failed {r.failed}"]
     lines += [f"  {i}: {why}" for i, why in sorted(r.errors.items())]
     return "\n".join(lines)
+
+
+def result_json(message: ProtoMessage) -> dict[str, Any]:
+    """A command's ``--json`` result: the response as :func:`to_dict`; for
+    ``status`` also ``"intake"``, the state :func:`intake_state` derives; for
+    ``pause``/``resume`` only ``partitions`` (the client does not say whether
+    the call was a replay)."""
+    doc = to_dict(message)
+    if isinstance(message, pb.GetStatusResponse):
+        doc["intake"] = intake_state(message)[0]
+    if isinstance(message, pb.PauseResponse | pb.ResumeResponse):
+        del doc["replayed"]
+    return doc
 
 
 # -------------------------------------------------------------- arguments
@@ -268,12 +394,47 @@ def _partition(text: str) -> tuple[str, int]:
     return topic, int(number)
 
 
-def _percent(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text.rstrip("%"))
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _percent(text: str) -> float:
+    value = _number(text.rstrip("%"))
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be within 0..100, got {text!r}")
     return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An integer within ``low..high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be within {low}..{high}, got {text!r}")
+        return value
+
+    return parse
 
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -300,14 +461,12 @@ def _since(text: str) -> float:
     return when.timestamp()
 
 
-def _positive(text: str) -> float:
+def version() -> str:
+    """The installed distribution's version (``pip install`` / ``pip install -e``)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+        return importlib.metadata.version("kafka-actor-pool")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
@@ -326,7 +485,9 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
         f"{DEFAULT_TARGET})",
     )
     g.add_argument("--token", default=d, help="bearer token (env POOLCTL_TOKEN)")
-    g.add_argument("--json", action="store_true", default=d or False, help="JSON output")
+    g.add_argument(
+        "--json", action="store_true", default=d or False, help="JSON output, for scripts"
+    )
     g.add_argument(
         "--deadline", type=_positive, default=d, help="per-call deadline in seconds (default 10)"
     )
@@ -338,6 +499,36 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
+_REQUEST_ID_HELP: Final = (
+    "idempotency key: a retry with the same ID is applied once (default: fresh)"
+)
+
+
+def _request_id(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--request-id", metavar="ID", help=_REQUEST_ID_HELP)
+
+
+def _wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        type=_non_negative,
+        default=None,
+        metavar="S",
+        help="how long to wait for aggregates in flight in the old pool to hand over "
+        "(default 5; 0 = return at once)",
+    )
+
+
+def _partitions(p: argparse.ArgumentParser, scope: str) -> None:
+    p.add_argument(
+        "--partition",
+        action="append",
+        type=_partition,
+        metavar="TOPIC:N",
+        help=f"{scope} only this partition; repeat for several (default: all assigned)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poolctl",
@@ -346,63 +537,71 @@ def build_parser() -> argparse.ArgumentParser:
         "4 auth, 5 failed precondition/timeout, 6 not found, 130 interrupted.",
         parents=[_common(suppress=False)],
     )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version()}", help="show the version"
+    )
     common = _common(suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("status", parents=[common], help="mode, rollout, partitions, pools, counters")
-
-    p = sub.add_parser("mode", parents=[common], help="switch the pool mode atomically")
-    p.add_argument("mode", choices=["keyed", "actor"])
-    p.add_argument("--request-id", help="idempotency key (default: a fresh one)")
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=None,
-        metavar="S",
-        help="how long to wait for in-flight aggregates to hand over (default 5)",
+    sub.add_parser(
+        "status", parents=[common], help="mode, rollout, intake, partitions, pools, counters"
     )
 
-    p = sub.add_parser("rollout", parents=[common], help="share of aggregates on the actor pool")
-    p.add_argument("percent", type=_percent, help="0..100")
-    p.add_argument("--request-id")
-    p.add_argument("--wait", type=float, default=None, metavar="S")
+    p = sub.add_parser("mode", parents=[common], help="switch the pool mode atomically")
+    p.add_argument(
+        "mode", type=str.lower, choices=["keyed", "actor"], help="the pool new events go to"
+    )
+    _request_id(p)
+    _wait(p)
+
+    p = sub.add_parser(
+        "rollout", parents=[common], help="share of aggregates on the actor pool in actor mode"
+    )
+    p.add_argument("percent", type=_percent, help="0..100 (a trailing %% is allowed)")
+    _request_id(p)
+    _wait(p)
 
     p = sub.add_parser("depth", parents=[common], help="inbox depth per executor")
     p.add_argument("--aggregate", default="", metavar="ID", help="where this aggregate goes")
-    p.add_argument("--top", type=int, default=10, help="deepest executors to list (default 10)")
-    p.add_argument("--pool", choices=["keyed", "actor"], help="only this pool")
+    p.add_argument("--top", type=_count(0, 1000), default=10, metavar="N",
+                   help="deepest executors to list, 0..1000 (default 10)")  # fmt: skip
+    p.add_argument("--pool", type=str.lower, choices=["keyed", "actor"], help="only this pool")
 
     p = sub.add_parser("drain", parents=[common], help="pause intake, finish in-flight, commit")
     p.add_argument("--timeout", dest="drain_timeout", type=_positive, default=30.0, metavar="S",
                    help="how long the drain may take (default 30)")  # fmt: skip
-    p.add_argument("--partition", action="append", type=_partition, metavar="TOPIC:N")
+    _partitions(p, "drain")
     p.add_argument("--resume", action="store_true", help="resume intake afterwards")
-    p.add_argument("--request-id")
+    _request_id(p)
 
     for name, text in (("pause", "stop fetching"), ("resume", "resume fetching")):
         p = sub.add_parser(name, parents=[common], help=f"{text} (all or listed partitions)")
-        p.add_argument("--partition", action="append", type=_partition, metavar="TOPIC:N")
-        p.add_argument("--request-id")
+        _partitions(p, name)
+        _request_id(p)
 
     p = sub.add_parser("dead-letters", parents=[common], help="show (and follow) dead letters")
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming live ones")
-    p.add_argument("--limit", type=int, default=0, help="newest N of the backlog (0 = all)")
+    p.add_argument("--limit", type=_count(0, 2**31 - 1), default=0, metavar="N",
+                   help="newest N of the backlog (0 = all)")  # fmt: skip
     _filters(p)
 
     p = sub.add_parser("redrive", parents=[common], help="republish dead letters")
-    p.add_argument("--id", action="append", dest="ids", default=[], metavar="ID")
-    p.add_argument("--all", action="store_true", help="every dead letter held (no filter)")
-    p.add_argument("--request-id")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--id", action="append", dest="ids", default=[], metavar="ID",
+                       help="this dead letter (its id); repeat for several")  # fmt: skip
+    which.add_argument("--all", action="store_true", help="every dead letter held (no filter)")
+    _request_id(p)
     _filters(p)
     return parser
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--topic", default="")
-    p.add_argument("--aggregate", default="", metavar="ID")
-    p.add_argument("--error-type", default="", help="exception class name, e.g. ValueError")
-    p.add_argument("--reason", default="", help="e.g. retries-exhausted, non-retryable")
-    p.add_argument("--since", type=_since, default=None, help="epoch, ISO 8601 or 15m/2h ago")
+    g = p.add_argument_group("filters (every one given must match)")
+    g.add_argument("--topic", default="", help="original topic of the event")
+    g.add_argument("--aggregate", default="", metavar="ID", help="aggregate ID of the event")
+    g.add_argument("--error-type", default="", help="exception class name, e.g. ValueError")
+    g.add_argument("--reason", default="", help="e.g. retries-exhausted, non-retryable")
+    g.add_argument("--since", type=_since, default=None, help="epoch, ISO 8601 or 15m/2h ago")
 
 
 # -------------------------------------------------------------- commands
@@ -437,7 +636,10 @@ async def cmd_mode(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[Pr
 
 async def cmd_rollout(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
     r = await c.set_rollout(a.percent, request_id=a.request_id, wait_timeout=a.wait)
-    return r, render_switch(r.result, r.replayed)
+    note = rollout_note(r.result)
+    if note and a.json:
+        print(f"poolctl: {c.target}: {note}", file=sys.stderr)
+    return r, render_switch(r.result, r.replayed) + (f"\n{note}" if note else "")
 
 
 async def cmd_depth(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
@@ -451,8 +653,8 @@ async def cmd_drain(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[P
     def progress(p: pb.DrainProgress) -> None:
         if not a.json:
             print(
-                f"[{c.target}] draining: finished {p.finished}, remaining {p.remaining}, "
-                f"{_duration(p.elapsed)}",
+                f"[{c.target}] draining: {plural(p.finished, 'event')} finished, "
+                f"{p.remaining} remaining, {_duration(p.elapsed)}",
                 file=sys.stderr,
             )
 
@@ -531,12 +733,13 @@ async def stream_dead_letters(
                 elif kind == "dead_letter":
                     print(prefix + render_dead_letter(event.dead_letter), file=out, flush=True)
                 elif kind == "backlog_end":
-                    note = f"{event.backlog_end.count} dead letters in memory"
+                    note = f"{plural(event.backlog_end.count, 'dead letter')} in memory"
                     print(prefix + note + ("; following..." if a.follow else ""), file=sys.stderr)
                 else:
                     print(
-                        f"{prefix}reader too slow: skipped {event.skipped.count} "
-                        f"(total {event.skipped.total})",
+                        f"{prefix}reader too slow: skipped "
+                        f"{plural(event.skipped.count, 'dead letter')} "
+                        f"({event.skipped.total} in all)",
                         file=sys.stderr,
                     )
         except ControlClientError as error:
@@ -602,7 +805,7 @@ def report(outcomes: Sequence[Outcome], *, json_output: bool, out: TextIO) -> No
         for o in outcomes:
             entry: dict[str, Any] = {"target": o.target, "ok": o.error is None}
             if o.result is not None:
-                entry["result"] = to_dict(o.result)
+                entry["result"] = result_json(o.result)
             if o.error is not None:
                 entry["error"] = {"code": o.error.code.name, "message": o.error.details}
             entries.append(entry)
@@ -627,12 +830,6 @@ def report(outcomes: Sequence[Outcome], *, json_output: bool, out: TextIO) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
-    if args.command == "rollout" and not 0 <= args.percent <= 100:
-        parser.error(f"rollout percent must be within 0..100, got {args.percent:g}")
-    if args.command == "depth" and not 0 <= args.top <= 1000:
-        parser.error("--top must be within 0..1000")
-    if args.command == "redrive" and args.ids and args.all:
-        parser.error("--id and --all are exclusive")
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from pool._executor import BasePool
 from pool._keyed import KeyedWorkerPool
 from pool._message import Message
 from pool._metrics import NoopMetrics, PoolMetrics, PrometheusPoolMetrics
+from pool._options import ActorPoolOptions, PoolOptions
 from pool._protocol import Completion, FinishListener, Handler, Pool, PoolMode
 from pool._retry import RestartBudget, RetryPolicy
 from pool._routing import Router, executor_index, fnv1a_32
@@ -23,6 +24,7 @@ from pool._switch import PoolSwitch, SwitchResult, rollout_bucket
 __all__ = [
     "ActorFactory",
     "ActorPool",
+    "ActorPoolOptions",
     "BasePool",
     "Completion",
     "DeadLetter",
@@ -39,6 +41,7 @@ __all__ = [
     "PoolError",
     "PoolMetrics",
     "PoolMode",
+    "PoolOptions",
     "PoolSwitch",
     "PrometheusPoolMetrics",
     "QueueFullError",

@@ -23,13 +23,17 @@ policy, as in the keyed pool. Nothing a handler does can stop the process.
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
 from pool._executor import BasePool, _Executor
 from pool._message import Message
+from pool._metrics import PoolMetrics
+from pool._options import ActorPoolOptions
 from pool._protocol import Handler, PoolMode
 from pool._retry import RestartBudget
 
@@ -38,6 +42,8 @@ log = structlog.get_logger("pool")
 #: Builds the handler (and so the state) of actor ``index``; called at start and
 #: at every restart.
 ActorFactory = Callable[[int], Handler]
+
+_DEFAULTS = ActorPoolOptions()
 
 
 class _Actor:
@@ -57,26 +63,44 @@ class _Actor:
 
 
 class ActorPool(BasePool):
-    """N supervised actors with bounded inboxes; see the module docstring."""
+    """N supervised actors with bounded inboxes; see the module docstring.
+
+    Built as ``ActorPool(handler, ActorPoolOptions(size=..., capacity=...,
+    max_restarts=...), metrics=...)``: ``options.capacity`` bounds each inbox.
+    """
 
     _mode = PoolMode.ACTOR
+    options: ActorPoolOptions
 
     def __init__(
         self,
         handler: Handler | None = None,
+        options: ActorPoolOptions = _DEFAULTS,
         *,
-        size: int = 256,
-        inbox_size: int = 1000,
-        max_restarts: int = 3,
-        restart_window: float = 60.0,
         actor_factory: ActorFactory | None = None,
-        **kw: Any,
+        metrics: PoolMetrics | None = None,
+        thread_pool: ThreadPoolExecutor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
     ) -> None:
+        """``actor_factory(index)`` builds each actor's handler (its state), at
+        start and at every restart; without it every actor runs ``handler``.
+        The other keywords are :class:`BasePool`'s."""
         if handler is None and actor_factory is None:
             raise TypeError("ActorPool needs a handler or an actor_factory")
         self._factory = actor_factory
         first = handler if handler is not None else _unused
-        super().__init__(first, size=size, capacity=inbox_size, **kw)
+        super().__init__(
+            first,
+            options,
+            metrics=metrics,
+            thread_pool=thread_pool,
+            clock=clock,
+            wall_clock=wall_clock,
+            rand=rand,
+        )
+        max_restarts, restart_window = options.max_restarts, options.restart_window
         self._actors: list[_Actor] = []
         for ex in self._executors:
             h = first

@@ -20,8 +20,8 @@ from pool._deadletter import DeadLetter, DeadLetterReason
 from pool._errors import DrainTimeoutError, NonRetryableError, PoolClosedError, QueueFullError
 from pool._message import Message
 from pool._metrics import NoopMetrics, PoolMetrics
+from pool._options import PoolOptions
 from pool._protocol import Completion, FinishListener, Handler, PoolMode
-from pool._retry import RetryPolicy
 from pool._routing import Router
 
 log = structlog.get_logger("pool")
@@ -114,52 +114,51 @@ class _DrainWaiter:
         self.remaining = remaining
 
 
+_DEFAULTS = PoolOptions()
+
+
 class BasePool:
-    """A pool of ``size`` sequential executors with queues bounded by ``capacity``."""
+    """A pool of ``options.size`` sequential executors, each with a queue
+    bounded by ``options.capacity``."""
 
     _mode: PoolMode
 
     def __init__(
         self,
         handler: Handler,
+        options: PoolOptions = _DEFAULTS,
         *,
-        size: int,
-        capacity: int,
-        retry: RetryPolicy | None = None,
         metrics: PoolMetrics | None = None,
-        handler_timeout: float | None = None,
-        handler_threads: int = 32,
         thread_pool: ThreadPoolExecutor | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
-        log_dead_letters: bool = True,
     ) -> None:
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        if capacity < 1:
-            raise ValueError(f"queue capacity must be >= 1, got {capacity}")
-        if handler_timeout is not None and handler_timeout <= 0:
-            raise ValueError(f"handler_timeout must be > 0, got {handler_timeout}")
+        """``metrics`` defaults to none collected; ``thread_pool`` runs sync
+        handlers (default: the pool's own, ``options.handler_threads`` wide,
+        shut down on close); ``clock`` times handlers and restart windows,
+        ``wall_clock`` stamps dead letters, ``rand`` spreads retry backoffs."""
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
+        self.options = options
+        size = options.size
         self._handler = handler
         self._size = size
-        self._capacity = capacity
-        self._retry = retry or RetryPolicy()
+        self._capacity = options.capacity
+        self._retry = options.retry
         self._metrics: PoolMetrics = metrics or NoopMetrics()
         # With the no-op collector the hot path skips metric calls and clock reads.
         self._metered = not isinstance(self._metrics, NoopMetrics)
-        self._handler_timeout = handler_timeout
+        self._handler_timeout = options.handler_timeout
         self._own_threads = thread_pool is None
-        self._threads_n = handler_threads
+        self._threads_n = options.handler_threads
         self._thread_pool = thread_pool
         self._clock = clock
         self._wall_clock = wall_clock
         self._rand = rand
         # False when a finish listener logs each dead letter itself (the service's
         # sink logs it once published, with its ID): one line per dead letter.
-        self._log_dead_letters = log_dead_letters
+        self._log_dead_letters = options.log_dead_letters
         self._router = Router(size)
         self._route_memo = self._router.memo
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -235,7 +234,7 @@ class BasePool:
 
     # ------------------------------------------------------------- intake
     def submit_nowait(self, message: Message) -> Completion:
-        future = self._enqueue(message, True)
+        future = self.enqueue_nowait(message, True)
         assert future is not None
         return future
 
@@ -250,19 +249,20 @@ class BasePool:
         """Like :meth:`submit_nowait` without a completion future: the outcome
         is reported only to the finish listeners. The hot path of the Kafka
         consumer: a future per event costs more than the rest of the pool."""
-        self._enqueue(message, False)
+        self.enqueue_nowait(message, False)
 
     async def dispatch(self, message: Message) -> None:
         """Like :meth:`submit` without a completion future (see :meth:`dispatch_nowait`)."""
         while True:
             try:
-                self._enqueue(message, False)
+                self.enqueue_nowait(message, False)
             except QueueFullError as full:
                 await self.wait_for_space(full.index)
             else:
                 return
 
-    def _enqueue(self, message: Message, with_future: bool) -> Completion | None:
+    def enqueue_nowait(self, message: Message, with_future: bool) -> Completion | None:
+        """See :meth:`Pool.enqueue_nowait`; the one intake path of the pool."""
         if self._closing:
             raise PoolClosedError(f"{self._mode} pool is closed; submit refused")
         loop = self._loop

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pool._executor import BasePool
-from pool._protocol import Handler, PoolMode
+from pool._protocol import PoolMode
 
 
 class KeyedWorkerPool(BasePool):
     """Each aggregate is pinned to one worker (FNV-1a routing); a worker handles
     one event at a time, in queue order.
+
+    Built as ``KeyedWorkerPool(handler, PoolOptions(size=..., capacity=...),
+    metrics=...)``: ``options.capacity`` bounds each worker's queue.
 
     A failing event is retried under the retry policy, then dead-lettered.
     During each backoff it is parked: the worker serves other aggregates, and
@@ -18,8 +19,3 @@ class KeyedWorkerPool(BasePool):
     """
 
     _mode = PoolMode.KEYED
-
-    def __init__(
-        self, handler: Handler, *, size: int = 256, queue_size: int = 1000, **kw: Any
-    ) -> None:
-        super().__init__(handler, size=size, capacity=queue_size, **kw)

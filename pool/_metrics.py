@@ -17,7 +17,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from pool._metric_defs import LATENCY_BUCKETS, PoolKind, label_name, metric_name
+from pool._metric_defs import (
+    DEPTH_BUCKETS,
+    LATENCY_BUCKETS,
+    PoolKind,
+    label_name,
+    metric_name,
+)
 
 
 class PoolMetrics(Protocol):
@@ -62,27 +68,41 @@ class NoopMetrics:
 
 
 class PrometheusPoolMetrics:
-    """Prometheus implementation under DESIGN.md's names.
+    """Prometheus implementation under the original's names (docs/operations.md).
 
     The hot path (two or three calls per event) keeps plain per-executor
     Python counters and latency bucket counts: an ``int`` increment per call,
     where prometheus-client's labelled children take a lock and do float
     arithmetic per call (measured: ~3 µs per event, a third of the consumer's
-    budget at 100k events/s). A collector turns them into the same families
-    at scrape time: counters ``*_total``, the latency histogram (its
-    ``_count`` is the ``+Inf`` bucket by construction), and the depth and
-    utilization gauges (the latest absolute depth per executor: exact, never a
-    gauge that drifts). Every call comes from the pools' event-loop thread
-    (single writer); the scrape thread reads snapshots of the lists.
+    budget at 100k events/s). A collector turns them into the families at
+    scrape time: counters ``*_total``, the latency histogram (its ``_count``
+    is the ``+Inf`` bucket by construction), and the depth gauges (the latest
+    absolute depth per executor: exact, never a gauge that drifts). Every call
+    comes from the pools' event-loop thread (single writer); the scrape thread
+    reads snapshots of the lists.
+
+    By default the collector sums the executors into one series per name and
+    label set (a pool of 256 exports about 45 series, not 6 600): depth is the
+    pool's total, utilization the fullest executor's, and two more gauges give
+    the deepest executor's depth and how many executors are at each depth.
+    ``per_executor=True`` exports the seven original names per executor
+    instead, with an ``actor_id``/``worker_id`` label (the hot path is the
+    same either way).
     """
 
     def __init__(
-        self, kind: PoolKind, size: int, registry: CollectorRegistry | None = None
+        self,
+        kind: PoolKind,
+        size: int,
+        registry: CollectorRegistry | None = None,
+        *,
+        per_executor: bool = False,
     ) -> None:
         from prometheus_client import REGISTRY
 
         self.kind: PoolKind = kind
         self.size = size
+        self.per_executor = per_executor
         registry = REGISTRY if registry is None else registry
         self._ids = [str(i) for i in range(size)]
         self._sent = [0] * size
@@ -130,54 +150,68 @@ class PrometheusPoolMetrics:
 
 #: ``le`` label values, formatted as prometheus-client formats its own buckets.
 _LE = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
+_DEPTH_LE = [floatToGoString(b) for b in DEPTH_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
 
 
 class _Families:
     """The empty metric families of one pool kind, in exposition order."""
 
-    def __init__(self, kind: PoolKind) -> None:
-        label = label_name(kind)
+    def __init__(self, kind: PoolKind, per_executor: bool) -> None:
+        label = [label_name(kind)] if per_executor else []
         noun = "an actor" if kind == "actor" else "a worker"
         where = "an actor's inbox" if kind == "actor" else "a worker's queue"
+        whose = "" if per_executor else " (sum over the pool)"
         self.sent = CounterMetricFamily(
             metric_name(kind, "messages_sent_total"),
-            f"Events accepted into {noun}'s queue.",
-            labels=[label],
+            f"Events accepted into {noun}'s queue{whose}.",
+            labels=label,
         )
         self.processed = CounterMetricFamily(
             metric_name(kind, "messages_processed_total"),
-            f"Handler attempts finished by {noun}, by success.",
-            labels=[label, "success"],
+            f"Handler attempts finished by {noun}, by success{whose}.",
+            labels=[*label, "success"],
         )
         self.latency = HistogramMetricFamily(
             metric_name(kind, "message_latency_seconds"),
-            f"Duration of one handler attempt in {noun}, in seconds (not time queued).",
-            labels=[label],
+            f"Duration of one handler attempt in {noun}, in seconds (not time queued){whose}.",
+            labels=label,
         )
         self.restarted = CounterMetricFamily(
             metric_name(kind, "actor_restarted_total"),
-            "Supervisor restarts of an actor after its handler crashed.",
-            labels=[label],
+            f"Supervisor restarts of an actor after its handler crashed{whose}.",
+            labels=label,
         )
         self.dead = CounterMetricFamily(
             metric_name(kind, "dead_letters_total"),
-            f"Events of {noun} that became dead letters, by reason.",
-            labels=[label, "reason"],
+            f"Events of {noun} that became dead letters, by reason{whose}.",
+            labels=[*label, "reason"],
         )
         self.depth = GaugeMetricFamily(
             metric_name(kind, "inbox_depth"),
-            f"Events queued or running in {where}, read at scrape time.",
-            labels=[label],
+            f"Events queued or running in {where}{whose}, read at scrape time.",
+            labels=label,
         )
         self.util = GaugeMetricFamily(
             metric_name(kind, "inbox_utilization"),
-            f"Depth divided by capacity of {where} (0..1).",
-            labels=[label],
+            f"Depth divided by capacity of {where} (0..1)"
+            + ("." if per_executor else ": the fullest one's."),
+            labels=label,
+        )
+        self.depth_max = GaugeMetricFamily(
+            metric_name(kind, "inbox_depth_max"),
+            f"Events queued or running in the deepest {'inbox' if kind == 'actor' else 'queue'}, "
+            "read at scrape time.",
+        )
+        self.depth_executors = GaugeMetricFamily(
+            metric_name(kind, "inbox_depth_executors"),
+            "Executors whose depth is at most le (cumulative; +Inf is the pool size).",
+            labels=["le"],
         )
         # Only actors are restarted: the keyed pool exports no restart series.
         restarted = [self.restarted] if kind == "actor" else []
         self.all: list[Metric] = [
-            self.sent, self.processed, self.latency, *restarted, self.dead, self.depth, self.util
+            self.sent, self.processed, self.latency, *restarted, self.dead,
+            self.depth, self.util, self.depth_max, self.depth_executors,
         ]  # fmt: skip
 
 
@@ -189,29 +223,72 @@ class _PoolCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         owner = self._owner
-        ids = owner._ids
-        f = _Families(owner.kind)
+        f = _Families(owner.kind, owner.per_executor)
         # Snapshots (C-level copies, atomic under the GIL) of what the loop thread writes.
-        for ident, n in zip(ids, list(owner._sent), strict=True):
-            f.sent.add_metric([ident], n)
-        for ident, n in zip(ids, list(owner._ok), strict=True):
-            f.processed.add_metric([ident, "true"], n)
-        for ident, n in zip(ids, list(owner._failed), strict=True):
-            f.processed.add_metric([ident, "false"], n)
+        sent, ok, failed = list(owner._sent), list(owner._ok), list(owner._failed)
         buckets = [b[:] for b in owner._buckets]
-        for ident, counts, total in zip(ids, buckets, list(owner._latency_sum), strict=True):
-            # Cumulative counts; _count is the +Inf bucket, so the two always agree.
-            f.latency.add_metric([ident], list(zip(_LE, accumulate(counts), strict=True)), total)
-        if owner._restarts is not None:
-            for ident, n in zip(ids, list(owner._restarts), strict=True):
-                f.restarted.add_metric([ident], n)
-        for (executor, reason), n in owner._dead.copy().items():
-            f.dead.add_metric([ids[executor], reason], n)
-        for ident, d, cap in owner.depth_samples():
-            f.depth.add_metric([ident], d)
-            f.util.add_metric([ident], d / cap if cap else 0.0)
+        sums = list(owner._latency_sum)
+        restarts = None if owner._restarts is None else list(owner._restarts)
+        dead = owner._dead.copy()
+        depths, capacities = list(owner._depth), list(owner._capacity)
+        utils = [d / cap if cap else 0.0 for d, cap in zip(depths, capacities, strict=True)]
+        if owner.per_executor:
+            _add_per_executor(f, owner._ids, sent, ok, failed, buckets, sums, restarts, dead)
+            for ident, d, u in zip(owner._ids, depths, utils, strict=True):
+                f.depth.add_metric([ident], d)
+                f.util.add_metric([ident], u)
+        else:
+            f.sent.add_metric([], sum(sent))
+            f.processed.add_metric(["true"], sum(ok))
+            f.processed.add_metric(["false"], sum(failed))
+            pool_buckets = [sum(column) for column in zip(*buckets, strict=True)] or [0] * len(_LE)
+            f.latency.add_metric(
+                [], list(zip(_LE, accumulate(pool_buckets), strict=True)), sum(sums)
+            )
+            if restarts is not None:
+                f.restarted.add_metric([], sum(restarts))
+            by_reason: dict[str, int] = {}
+            for (_, reason), n in dead.items():
+                by_reason[reason] = by_reason.get(reason, 0) + n
+            for reason, n in by_reason.items():
+                f.dead.add_metric([reason], n)
+            f.depth.add_metric([], sum(depths))
+            f.util.add_metric([], max(utils, default=0.0))
+        f.depth_max.add_metric([], max(depths, default=0))
+        at_depth = [0] * (len(DEPTH_BUCKETS) + 1)
+        for d in depths:
+            at_depth[bisect_left(DEPTH_BUCKETS, d)] += 1
+        for le, n in zip(_DEPTH_LE, accumulate(at_depth), strict=True):
+            f.depth_executors.add_metric([le], n)
         return iter(f.all)
 
     def describe(self) -> Iterator[Metric]:
         # The names, so registering a second collector of the same kind fails.
-        return iter(_Families(self._owner.kind).all)
+        return iter(_Families(self._owner.kind, self._owner.per_executor).all)
+
+
+def _add_per_executor(
+    f: _Families,
+    ids: list[str],
+    sent: list[int],
+    ok: list[int],
+    failed: list[int],
+    buckets: list[list[int]],
+    sums: list[float],
+    restarts: list[int] | None,
+    dead: dict[tuple[int, str], int],
+) -> None:
+    for ident, n in zip(ids, sent, strict=True):
+        f.sent.add_metric([ident], n)
+    for ident, n in zip(ids, ok, strict=True):
+        f.processed.add_metric([ident, "true"], n)
+    for ident, n in zip(ids, failed, strict=True):
+        f.processed.add_metric([ident, "false"], n)
+    for ident, counts, total in zip(ids, buckets, sums, strict=True):
+        # Cumulative counts; _count is the +Inf bucket, so the two always agree.
+        f.latency.add_metric([ident], list(zip(_LE, accumulate(counts), strict=True)), total)
+    if restarts is not None:
+        for ident, n in zip(ids, restarts, strict=True):
+            f.restarted.add_metric([ident], n)
+    for (executor, reason), n in dead.items():
+        f.dead.add_metric([ids[executor], reason], n)

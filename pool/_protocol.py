@@ -35,7 +35,10 @@ class Pool(Protocol):
 
     Events of one aggregate always go to the same executor and are handled
     one at a time, in submission order. Each executor has a bounded queue;
-    nothing is ever dropped.
+    nothing is ever dropped. Every method runs on the event loop: the plain
+    ones never block (they return at once or raise), the ``async`` ones say
+    what they wait for. :class:`KeyedWorkerPool` and :class:`ActorPool`
+    implement it; :class:`PoolSwitch` drives one of each through it alone.
     """
 
     @property
@@ -53,11 +56,32 @@ class Pool(Protocol):
     def executor_for(self, aggregate_id: str) -> int:
         """Index of the executor that handles ``aggregate_id``. Never blocks."""
 
+    def start(self) -> None:
+        """Start the executors on the running event loop.
+
+        Idempotent (a no-op once started, also after ``close()``); the first
+        submit starts them too. Never blocks. Raises :class:`PoolClosedError`
+        when the pool was closed before it ever started.
+        """
+
+    def enqueue_nowait(self, message: Message, with_future: bool) -> Completion | None:
+        """Enqueue ``message`` on its executor without waiting.
+
+        Returns its completion when ``with_future`` is true, else ``None`` (the
+        outcome then goes only to the finish listeners). Never blocks. Raises
+        :class:`QueueFullError` (nothing enqueued: the caller keeps the message
+        and may wait with :meth:`wait_for_space`) when the executor is at
+        capacity, and :class:`PoolClosedError` after ``close()``.
+        ``submit_nowait`` and ``dispatch_nowait`` are this with the flag fixed;
+        a caller choosing per event (the mode switch) holds this one method.
+        """
+
     def submit_nowait(self, message: Message) -> Completion:
         """Enqueue ``message`` without waiting; return its completion.
 
-        Raises :class:`QueueFullError` (nothing enqueued) when the target
-        executor is at capacity and :class:`PoolClosedError` after ``close()``.
+        Never blocks. Raises :class:`QueueFullError` (nothing enqueued) when
+        the target executor is at capacity and :class:`PoolClosedError` after
+        ``close()``.
         """
 
     async def submit(self, message: Message) -> Completion:
@@ -69,7 +93,8 @@ class Pool(Protocol):
 
     def dispatch_nowait(self, message: Message) -> None:
         """Like ``submit_nowait`` but without a completion future: the outcome
-        goes only to the finish listeners (the consumer's hot path)."""
+        goes only to the finish listeners (the consumer's hot path). Never
+        blocks; raises as ``submit_nowait``."""
 
     async def dispatch(self, message: Message) -> None:
         """Like ``submit`` but without a completion future."""
@@ -79,7 +104,12 @@ class Pool(Protocol):
         event finishes, before its completion resolves. It must not raise or block."""
 
     async def wait_for_space(self, index: int) -> None:
-        """Return once executor ``index`` is below capacity (or the pool closes)."""
+        """Return once executor ``index`` is below capacity (or the pool closes).
+
+        Waits only while the executor is full. Raises nothing of its own; when
+        the wait is cancelled, the wake-up it would have had passes on to the
+        next waiter.
+        """
 
     def depth(self, index: int) -> int:
         """Exact depth (queued + running) of executor ``index``. Never blocks."""
@@ -101,5 +131,6 @@ class Pool(Protocol):
         """Refuse new events, drain (bounded by ``timeout``), then stop the executors.
 
         Idempotent. Events still unfinished at the deadline are cancelled
-        (their completions are cancelled, never resolved as handled).
+        (their completions are cancelled, never resolved as handled). Never
+        raises on timeout.
         """

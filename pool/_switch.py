@@ -29,9 +29,8 @@ import structlog
 
 from pool._deadletter import DeadLetter
 from pool._errors import DrainTimeoutError, PoolClosedError, QueueFullError
-from pool._executor import BasePool
 from pool._message import Message
-from pool._protocol import Completion, FinishListener, PoolMode
+from pool._protocol import Completion, FinishListener, Pool, PoolMode
 from pool._routing import fnv1a_32
 
 log = structlog.get_logger("pool")
@@ -85,12 +84,16 @@ _Lane: TypeAlias = (
 
 
 class PoolSwitch:
-    """Routes events to the keyed or the actor pool; see the module docstring."""
+    """Routes events to the keyed or the actor pool; see the module docstring.
+
+    It uses the two pools only through the :class:`~pool.Pool` protocol: the
+    hot path calls each pool's ``enqueue_nowait``, held as a bound method.
+    """
 
     def __init__(
         self,
-        keyed: BasePool,
-        actor: BasePool,
+        keyed: Pool,
+        actor: Pool,
         *,
         mode: PoolMode = PoolMode.KEYED,
         rollout_percent: float = 100.0,
@@ -99,7 +102,7 @@ class PoolSwitch:
     ) -> None:
         if keyed.mode is not PoolMode.KEYED or actor.mode is not PoolMode.ACTOR:
             raise TypeError("PoolSwitch(keyed=<keyed pool>, actor=<actor pool>)")
-        self.pools: dict[PoolMode, BasePool] = {
+        self.pools: dict[PoolMode, Pool] = {
             PoolMode.KEYED: keyed,
             PoolMode.ACTOR: actor,
         }
@@ -109,15 +112,14 @@ class PoolSwitch:
         self._clock = clock
         self.generation = 0
         self.since = wall_clock()
-        self.switches = 0
         # Per pool, the aggregates with unfinished events there and how many.
         # An aggregate is in at most one of the two at a time (else it is held).
         # Plain dicts of ints: the hot path allocates nothing per aggregate.
         self._keyed_counts: dict[str, int] = {}
         self._actor_counts: dict[str, int] = {}
         self._lanes: dict[PoolMode, _Lane] = {
-            PoolMode.KEYED: (keyed._enqueue, self._keyed_counts, self._actor_counts),
-            PoolMode.ACTOR: (actor._enqueue, self._actor_counts, self._keyed_counts),
+            PoolMode.KEYED: (keyed.enqueue_nowait, self._keyed_counts, self._actor_counts),
+            PoolMode.ACTOR: (actor.enqueue_nowait, self._actor_counts, self._keyed_counts),
         }
         # The lane every aggregate goes to under the current rule, or None when
         # the rollout splits them (then each aggregate's bucket decides).
@@ -387,7 +389,6 @@ class PoolSwitch:
             if changed:
                 self._mode, self._rollout_bp = new_mode, new_bp
                 self.generation += 1
-                self.switches += 1
                 self.since = self._wall_clock()
                 self._update_uniform()
                 target = self._target

@@ -19,18 +19,37 @@ import filecmp
 import shutil
 import sys
 import tempfile
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-PINNED = {"grpcio-tools": "1.85.1", "mypy-protobuf": "5.1.0", "protobuf": "7.36.2"}
+GENERATOR = ("grpcio-tools", "mypy-protobuf", "protobuf")
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+
+
+def pinned(names: tuple[str, ...] = GENERATOR) -> dict[str, str]:
+    """The exact versions ``pyproject.toml`` pins for ``names`` (runtime and dev)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [
+        *project["dependencies"],
+        *(r for extra in project["optional-dependencies"].values() for r in extra),
+    ]
+    pins: dict[str, str] = {}
+    for requirement in requirements:
+        name, sep, rest = requirement.partition("==")
+        if sep and name.strip() in names:
+            pins[name.strip()] = rest.split(";")[0].split("#")[0].strip()
+    missing = [name for name in names if name not in pins]
+    if missing:
+        sys.exit(f"gen_protos: pyproject.toml pins no exact version of {', '.join(missing)}")
+    return pins
 
 
 def _check_versions() -> None:
     wrong = []
-    for dist, want in PINNED.items():
+    for dist, want in pinned().items():
         try:
             have = metadata.version(dist)
         except metadata.PackageNotFoundError:

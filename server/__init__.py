@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from server._intake import Decoder
     from server._logging import configure_logging
     from server._offsets import CommitPolicy, OffsetTracker
-    from server._service import Endpoints, Service
+    from server._pauses import PauseBook
+    from server._service import Endpoints, Service, ServiceStartError
+    from server._version import version
 
 _EXPORTS = {
     "CommitPolicy": "server._offsets",
@@ -36,13 +38,16 @@ _EXPORTS = {
     "EventConsumer": "server._consumer",
     "HandlerLoadError": "server._handlers",
     "OffsetTracker": "server._offsets",
+    "PauseBook": "server._pauses",
     "Service": "server._service",
     "ServiceError": "server._errors",
+    "ServiceStartError": "server._service",
     "Settings": "server._config",
     "configure_logging": "server._logging",
     "load_handler": "server._handlers",
     "load_settings": "server._config",
     "start_grpc_server": "server._grpc",
+    "version": "server._version",
 }
 
 __all__ = [
@@ -56,13 +61,16 @@ __all__ = [
     "EventConsumer",
     "HandlerLoadError",
     "OffsetTracker",
+    "PauseBook",
     "Service",
     "ServiceError",
+    "ServiceStartError",
     "Settings",
     "configure_logging",
     "load_handler",
     "load_settings",
     "start_grpc_server",
+    "version",
 ]
 
 

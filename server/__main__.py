@@ -4,28 +4,40 @@ With ``--embedded`` (or no brokers configured) the embedded Tansu broker is
 started on loopback and the configured topics (and their dead-letter topics)
 are created on it; with ``--demo`` a demo producer feeds them. SIGTERM and
 SIGINT stop it gracefully (see :mod:`server._service`); exit status 0 then,
-2 for a configuration error, 1 for a failure.
+2 for a configuration error (the handler is imported and checked with the
+configuration, before anything starts), 1 for a failure.
+
+Expected failures — no broker answering, a port in use, the embedded broker
+not starting — end with one line naming what failed (``service.failed`` with
+``error=...``); their traceback only at ``--log-level debug``. Anything else is
+a bug and is logged with its traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import prometheus_client
 import structlog
+from aiokafka.errors import KafkaConnectionError
 
-from server._broker import EmbeddedBroker
+from pool import Handler
+from server._broker import BrokerError, EmbeddedBroker
 from server._config import DEFAULT_HANDLER, ConfigError, Settings, load_settings
 from server._demo_producer import DemoProducer
+from server._grpc import GrpcConfigError
+from server._handlers import HandlerLoadError, load_handler
 from server._logging import configure_logging
-from server._service import Endpoints, Service
+from server._service import Endpoints, Service, ServiceStartError
 
 _T = TypeVar("_T")
 
@@ -37,15 +49,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
-        sys.stderr.write(f"pool-server: invalid configuration:\n{exc}\n")
+        if len(exc.errors) == 1:
+            sys.stderr.write(f"pool-server: invalid configuration: {exc}\n")
+        else:
+            sys.stderr.write(f"pool-server: invalid configuration:\n{exc}\n")
         return 2
     fmt = settings.log.format
     configure_logging(settings.log.level, None if fmt == "auto" else fmt == "json")
     # No `_created` series: ~2 500 per replica at the default pool sizes, unused
     # by the dashboard and the rules.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    # The handler is part of the configuration: a typo in it ends here, before
+    # the broker, the consumer or the control plane start.
     try:
-        return run_loop(run(settings))
+        handler = load_handler(settings.pool.handler)
+    except HandlerLoadError as exc:
+        sys.stderr.write(f"pool-server: {exc}\n")
+        if settings.log.level == "debug":
+            traceback.print_exception(exc)
+        return 2
+    try:
+        return run_loop(run(settings, handler))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
 
@@ -65,26 +89,35 @@ def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
     return asyncio.run(main)
 
 
-async def run(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status."""
+async def run(settings: Settings, handler: Handler | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status.
+
+    ``handler`` is the loaded ``settings.pool.handler`` (loaded here when not given).
+    """
+    if handler is None:
+        handler = load_handler(settings.pool.handler)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     broker: EmbeddedBroker | None = None
+    broker_failed = False
+    bootstrap = ",".join(settings.kafka.brokers)
     try:
         if settings.use_embedded_broker:
             broker = EmbeddedBroker()
             await asyncio.to_thread(broker.start)
+            bootstrap = broker.bootstrap
             topics = dict.fromkeys(settings.kafka.topics, settings.embedded.partitions)
             for t in settings.kafka.topics:
                 topics[settings.dead_letter.topic_for(t)] = 1
             await broker.create_topics(topics)
-            bootstrap = broker.bootstrap
-        else:
-            bootstrap = ",".join(settings.kafka.brokers)
-        await _serve(settings, bootstrap, stop, embedded=broker is not None)
+        await _serve(settings, bootstrap, handler, stop, embedded=broker is not None)
+    except _EXPECTED as exc:
+        broker_failed = isinstance(exc, BrokerError | KafkaConnectionError)
+        _log_failure(settings, bootstrap, exc)
+        return 1
     except Exception as exc:
         log.exception("service.failed", error=repr(exc))
         return 1
@@ -92,11 +125,28 @@ async def run(settings: Settings) -> int:
         return 0
     finally:
         if broker is not None:
-            await asyncio.to_thread(broker.stop)
+            await asyncio.to_thread(functools.partial(broker.stop, keep_log=broker_failed))
+
+
+#: Failures of the environment rather than bugs: logged as one line.
+_EXPECTED = (ServiceStartError, GrpcConfigError, BrokerError, KafkaConnectionError)
+
+
+def _log_failure(settings: Settings, bootstrap: str, exc: Exception) -> None:
+    """One ``service.failed`` line naming what failed; the traceback at debug level."""
+    error = (
+        f"cannot connect to Kafka at {bootstrap} ({exc})"
+        if isinstance(exc, KafkaConnectionError)
+        else str(exc)
+    )
+    if settings.log.level == "debug":
+        log.error("service.failed", error=error, exc_info=exc)
+    else:
+        log.error("service.failed", error=error)
 
 
 async def _serve(
-    settings: Settings, bootstrap: str, stop: asyncio.Event, *, embedded: bool
+    settings: Settings, bootstrap: str, handler: Handler, stop: asyncio.Event, *, embedded: bool
 ) -> None:
     """Run the service (and the demo producer) until ``stop`` is set or the service fails."""
     if settings.pool.handler == DEFAULT_HANDLER:
@@ -104,7 +154,7 @@ async def _serve(
 
         demo_handler.configure(settings)
     demo: DemoProducer | None = None
-    async with Service(settings, bootstrap_servers=bootstrap) as service:
+    async with Service(settings, bootstrap_servers=bootstrap, handler=handler) as service:
         try:
             if settings.demo.enabled:
                 demo = DemoProducer(

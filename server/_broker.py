@@ -3,7 +3,7 @@
 For development, the demo and the tests: an Apache-Kafka-compatible broker
 with in-memory storage on a free loopback port, ready in milliseconds, no JVM.
 
-Known Tansu gaps (see DESIGN.md): the idempotent producer (InitProducerId)
+Known Tansu gaps: the idempotent producer (InitProducerId)
 fails, so producers must use ``enable_idempotence=False``; the admin call that
 lists a group's committed offsets fails, so read committed offsets through a
 consumer's ``committed()``.
@@ -45,7 +45,14 @@ __all__ = [
 
 
 class BrokerError(ServiceError, RuntimeError):
-    """The embedded broker could not be started (or died while starting)."""
+    """The embedded broker could not be started (or died while starting), or a
+    topic could not be created on it. ``log_path`` is the broker's log when there
+    is one (kept for reading), ``log_tail`` its last lines at the failure."""
+
+    def __init__(self, message: str, *, log_path: Path | None = None, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_path = log_path
+        self.log_tail = log_tail
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -105,6 +112,11 @@ class EmbeddedBroker:
     asynchronously (``async with``). ``stop()`` is idempotent. ``process``
     exposes the :class:`subprocess.Popen` (tests SIGSTOP/SIGCONT it);
     ``suspend()``/``resume()`` do that for you.
+
+    The broker's output goes to ``log_path``; without one, to a ``tansu-*.log``
+    in the temporary directory, which a clean :meth:`stop` removes and a
+    failure keeps (the :class:`BrokerError` and the ``broker.failed`` log line
+    say where it is).
     """
 
     def __init__(
@@ -256,7 +268,11 @@ class EmbeddedBroker:
         tail = self.read_log()[-2000:]
         self._close_log()
         self._process = None
-        raise BrokerError(f"embedded broker failed to start: {last_error}\n{tail}")
+        raise BrokerError(
+            f"embedded broker failed to start: {last_error} (its log: {self._log_path})",
+            log_path=self._log_path,
+            log_tail=tail,
+        )
 
     def _kill(self) -> None:
         proc = self._process
@@ -277,16 +293,34 @@ class EmbeddedBroker:
             self._log_file.close()
             self._log_file = None
 
-    def stop(self) -> None:
-        """Terminate the broker (SIGTERM, then SIGKILL after 5 s). Idempotent."""
+    def stop(self, *, keep_log: bool = False) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL after 5 s). Idempotent.
+
+        Removes the broker's own temporary log on a clean stop; keeps it when
+        ``keep_log`` is true (the caller saw the broker fail) or when the broker
+        had already exited by itself, and logs where it is.
+        """
         if self._stopped:
             return
         self._stopped = True
         proc = self._process
+        died = proc is not None and proc.poll() is not None
         self._kill()
         self._close_log()
-        if proc is not None:
-            log.info("broker.stopped", pid=proc.pid, returncode=proc.returncode)
+        if proc is None:
+            return
+        if died or keep_log:
+            log.warning(
+                "broker.failed" if died else "broker.stopped",
+                pid=proc.pid,
+                returncode=proc.returncode,
+                log_path=str(self._log_path),
+            )
+            return
+        log.info("broker.stopped", pid=proc.pid, returncode=proc.returncode)
+        if self._own_log and self._log_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._log_path.unlink()
 
     def suspend(self) -> None:
         """SIGSTOP the broker (it stops answering; connections hang)."""
@@ -354,8 +388,8 @@ async def create_topics(
     if not topics:
         return
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
-    await admin.start()
     try:
+        await admin.start()
         new = [
             NewTopic(name=name, num_partitions=parts, replication_factor=replication_factor)
             for name, parts in topics.items()

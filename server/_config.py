@@ -43,6 +43,7 @@ from pydantic.alias_generators import to_camel
 
 from pool import PoolMode
 from server._errors import ServiceError
+from server._version import version
 
 __all__ = [
     "ConfigError",
@@ -322,6 +323,9 @@ class GrpcSettings(_Section):
 class MetricsSettings(_Section):
     enabled: bool = True
     address: str = "127.0.0.1:2112"
+    #: Export the pools' metrics per executor (``actor_id``/``worker_id`` labels):
+    #: about 13 000 series with the default pool sizes, instead of one per pool.
+    per_executor: bool = False
 
     @field_validator("address")
     @classmethod
@@ -598,6 +602,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "controlled over gRPC. Configuration: YAML file, then environment "
         f"({ENV_PREFIX}SECTION__KEY=value, {ENV_USE_ACTOR_POOL}=true|false), then these flags.",
     )
+    p.add_argument("--version", action="version", version=f"pool-server {version()}")
     p.add_argument(
         "--config", metavar="FILE", help=f"YAML config file (default ${ENV_CONFIG_FILE})"
     )

@@ -12,7 +12,9 @@ and on shutdown. A dead letter counts as finished only once the dead-letter
 sink has had it acknowledged by the broker.
 
 Pauses. A partition is fetched only when nothing holds it. Holds are kept by
-reason, so an operator pause and a backpressure pause never undo each other:
+reason, so an operator pause and a backpressure pause never undo each other;
+the bookkeeping (holds, backlogs, which pause/resume calls to make) is the pure
+:class:`~server._pauses.PauseBook`:
 
 - ``backpressure``: ``dispatch_nowait`` found the target queue full. The record
   and the rest of its partition's batch go to the partition's backlog (order
@@ -37,9 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,19 +49,31 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pool import DeadLetter, Message, PoolClosedError, QueueFullError
+from pool import DeadLetter, Message, PoolClosedError, QueueFullError, RetryPolicy
 from server._consumer_metrics import PAUSE_REASONS, ConsumerMetrics
 from server._control import CommittedOffset, DrainProgress, PartitionStatus
 from server._offsets import CommitPolicy, OffsetTracker
+from server._pauses import DRAIN, OPERATOR, PauseBook
 from server._records import install as install_lenient_records
 
 log = structlog.get_logger("server.consumer")
 
-OPERATOR = "operator"
-DRAIN = "drain"
-BACKPRESSURE = "backpressure"
+__all__ = [
+    "DLQ_RETRY",
+    "DRAIN",
+    "OPERATOR",
+    "ConsumerOptions",
+    "DeadLetterPublisher",
+    "Dispatcher",
+    "EventConsumer",
+    "RecordDecoder",
+    "publish_until_acknowledged",
+]
+
 #: How often the end offsets of paused partitions are listed (for their lag).
 _LIST_PAUSED_ENDS_EVERY_S = 1.0
+#: A failed dead-letter publish is tried again after 0.5 s, 1 s, 2 s, ... up to 5 s.
+DLQ_RETRY = RetryPolicy(initial_backoff=0.5, max_backoff=5.0)
 
 
 class RecordDecoder(Protocol):
@@ -124,8 +138,9 @@ class ConsumerOptions:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
-    #: Retry backoff of a dead-letter publish that failed (the offset stays unfinished).
-    dlq_retry_backoff_s: float = 0.5
+    #: Backoff between tries of a dead-letter publish that failed: see
+    #: :func:`publish_until_acknowledged` (only the policy's backoff is used).
+    dlq_retry: RetryPolicy = DLQ_RETRY
     kafka: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +157,45 @@ class ConsumerOptions:
         return int(self.max_in_flight * self.resume_fraction)
 
 
+async def publish_until_acknowledged(
+    publish: Callable[[DeadLetter], Awaitable[Any]],
+    dead: DeadLetter,
+    retry: RetryPolicy,
+    *,
+    rand: Callable[[], float] = random.random,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> int:
+    """Publish ``dead`` until the broker acknowledges it; return how many tries failed.
+
+    After the n-th failure it waits ``retry.backoff(n, rand())``: from
+    ``initial_backoff``, multiplied each time, capped at ``max_backoff``,
+    spread by the jitter. It never gives up, so ``retry.max_attempts`` is not
+    used: the event's offset must stay unfinished (never committed) until its
+    dead letter is durable. Any exception of ``publish`` counts as a failure;
+    cancellation propagates.
+    """
+    failures = 0
+    while True:
+        try:
+            await publish(dead)
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the offset unfinished, retry
+            failures += 1
+            delay = retry.backoff(failures, rand())
+            msg = dead.message
+            log.warning(
+                "consumer.dead_letter_publish_failed",
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                failures=failures,
+                retry_in_s=round(delay, 3),
+                error=repr(exc),
+            )
+            await sleep(delay)
+        else:
+            return failures
+
+
 class _Partition:
     """State of one assigned partition, for one assignment."""
 
@@ -152,22 +206,21 @@ class _Partition:
         "committed",
         "consumed_counter",
         "finished",
-        "holds",
-        "kafka_paused",
         "listed_end",
         "revoked",
         "tp",
         "tracker",
     )
 
-    def __init__(self, tp: TopicPartition, committed: int | None) -> None:
+    def __init__(
+        self, tp: TopicPartition, committed: int | None, backlog: Sequence[Message]
+    ) -> None:
         self.tp = tp
         self.tracker = OffsetTracker()
-        self.backlog: deque[tuple[int, Message]] = deque()
+        #: The partition's backlog in the pause book (a live, read-only view).
+        self.backlog = backlog
         self.backlog_task: asyncio.Task[None] | None = None
         self.committed = committed
-        self.holds: set[str] = set()
-        self.kafka_paused = False
         #: End offset listed by the broker while paused (a paused partition is
         #: not fetched, so aiokafka's high watermark stops moving).
         self.listed_end: int | None = None
@@ -229,9 +282,7 @@ class EventConsumer:
         self._parts: dict[TopicPartition, _Partition] = {}
         #: Highest offset ever dispatched per partition, across assignments.
         self._max_dispatched: dict[TopicPartition, int] = {}
-        #: Operator / drain holds by partition; ``None`` key set means "all".
-        self._holds_all: set[str] = set()
-        self._holds_some: dict[str, set[TopicPartition]] = {OPERATOR: set(), DRAIN: set()}
+        self._pauses: PauseBook[TopicPartition, Message] = PauseBook()
         self._in_flight = 0
         self._finished_total = 0
         self._throttled = False
@@ -251,6 +302,7 @@ class EventConsumer:
         self._closed = False
         self._assigned_once = asyncio.Event()
         self._fatal: BaseException | None = None
+        self._failed = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -305,10 +357,17 @@ class EventConsumer:
             log.error("consumer.task_failed", task=task.get_name(), error=repr(exc))
             if self._fatal is None:
                 self._fatal = exc
+                self._failed.set()
 
     @property
     def failure(self) -> BaseException | None:
         """The first unexpected error of a consumer task (the service stops on it)."""
+        return self._fatal
+
+    async def failed(self) -> BaseException:
+        """Wait for :attr:`failure` and return it."""
+        await self._failed.wait()
+        assert self._fatal is not None
         return self._fatal
 
     async def stop_fetching(self) -> None:
@@ -319,9 +378,8 @@ class EventConsumer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._consumer is not None:
-            for part in self._parts.values():
-                self._apply_pause(part)
+        self._pauses.stop()
+        self._sync_pauses()
 
     async def wait_finished(
         self,
@@ -392,6 +450,7 @@ class EventConsumer:
                 part.revoked = True
             await consumer.stop()
         self._parts.clear()
+        self._pauses.clear()
         log.info("consumer.closed")
 
     # ------------------------------------------------------------- fetching
@@ -420,6 +479,7 @@ class EventConsumer:
     def _dispatch_batch(self, part: _Partition, records: Sequence[Any]) -> None:
         tracker = part.tracker
         tp = part.tp
+        backlog = part.backlog
         decode = self._decoder.decode
         dispatch = self._dispatcher.dispatch_nowait
         owners = self._owners
@@ -453,17 +513,16 @@ class EventConsumer:
                 self.metrics.intake_dead_letters.labels(str(item.reason)).inc()
                 self._spawn(self._dead_letter(part, offset, item), "consumer.dlq")
                 continue
-            if part.backlog or part.backlog_task is not None:
-                part.backlog.append((offset, item))
+            if backlog:
+                self._pauses.defer(tp, item)
                 continue
             owners[id(item)] = part
             try:
                 dispatch(item)
             except QueueFullError:
                 del owners[id(item)]
-                part.backlog.append((offset, item))
-                part.holds.add(BACKPRESSURE)
-                self._apply_pause(part)
+                self._pauses.defer(tp, item)  # the partition pauses for backpressure
+                self._sync_pauses()
                 part.backlog_task = self._spawn(
                     self._submit_backlog(part), f"consumer.backlog[{tp.topic}:{tp.partition}]"
                 )
@@ -481,11 +540,12 @@ class EventConsumer:
         self.metrics.in_flight.set(self._in_flight)
 
     async def _submit_backlog(self, part: _Partition) -> None:
-        """Submit a backpressured partition's backlog in order, waiting for room."""
-        backlog = part.backlog
+        """Submit a backpressured partition's backlog in order, waiting for room;
+        the backpressure hold lifts with the last event (see ``PauseBook``)."""
+        backlog, tp, pauses = part.backlog, part.tp, self._pauses
         try:
             while backlog and not part.revoked:
-                _, message = backlog[0]
+                message = backlog[0]
                 # Registered first: the event may finish before dispatch returns.
                 self._owners[id(message)] = part
                 try:
@@ -493,17 +553,16 @@ class EventConsumer:
                 except BaseException:
                     self._owners.pop(id(message), None)
                     raise
-                backlog.popleft()
+                pauses.dispatched(tp)
         except PoolClosedError:
-            part.abandoned += len(backlog)
-            self._in_flight -= len(backlog)
-            backlog.clear()
+            # Nothing more can be dispatched: the partition stays held.
+            dropped = len(pauses.drop_backlog(tp))
+            part.abandoned += dropped
+            self._in_flight -= dropped
             return
         finally:
             part.backlog_task = None
-        if not part.revoked:
-            part.holds.discard(BACKPRESSURE)
-            self._apply_pause(part)
+        self._sync_pauses()
 
     # ---------------------------------------------------------- completion
 
@@ -519,23 +578,8 @@ class EventConsumer:
 
     async def _dead_letter(self, part: _Partition, offset: int, dead: DeadLetter) -> None:
         """Publish until acknowledged, then mark the offset finished."""
-        while True:
-            try:
-                await self._sink.publish(dead)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure: keep the offset unfinished, retry
-                log.warning(
-                    "consumer.dead_letter_publish_failed",
-                    topic=part.tp.topic,
-                    partition=part.tp.partition,
-                    offset=offset,
-                    error=repr(exc),
-                )
-                await asyncio.sleep(self.options.dlq_retry_backoff_s)
-            else:
-                self._finish(part, offset)
-                return
+        await publish_until_acknowledged(self._sink.publish, dead, self.options.dlq_retry)
+        self._finish(part, offset)
 
     def _finish(self, part: _Partition, offset: int) -> None:
         part.tracker.done(offset)
@@ -571,7 +615,7 @@ class EventConsumer:
         fetched, so their high watermark (and the lag derived from it) would
         otherwise freeze at the last fetch while events pile up behind a pause."""
         consumer = self._consumer
-        parts = [p for p in self._parts.values() if p.kafka_paused and not p.revoked]
+        parts = [self._parts[tp] for tp in self._pauses.paused_at_consumer()]
         if consumer is None or not parts:
             return
         try:
@@ -642,10 +686,11 @@ class EventConsumer:
             committed = None
             with contextlib.suppress(KafkaError):
                 committed = await consumer.committed(tp)
-            part = _Partition(tp, committed)
+            self._pauses.assign(tp)
+            part = _Partition(tp, committed, self._pauses.backlog(tp))
             part.consumed_counter = self.metrics.consumed.labels(tp.topic, str(tp.partition))
             self._parts[tp] = part
-            self._apply_pause(part)
+            self._sync_pauses()
         self.metrics.rebalances.labels("assigned").inc(len(assigned))
         log.info(
             "consumer.assigned",
@@ -660,6 +705,7 @@ class EventConsumer:
         started = self._clock()
         for part in parts:
             part.revoked = True  # stop dispatching; the backlog is dropped (not finished)
+            self._pauses.revoke(part.tp)
             task = part.backlog_task
             if task is not None:
                 task.cancel()
@@ -669,9 +715,9 @@ class EventConsumer:
                     await part.backlog_task
             # Backlogged offsets were never dispatched: they stay unfinished in
             # the tracker (so no commit passes them), but are not in flight.
-            part.abandoned += len(part.backlog)
-            self._in_flight -= len(part.backlog)
-            part.backlog.clear()
+            dropped = len(self._pauses.drop_backlog(part.tp))
+            part.abandoned += dropped
+            self._in_flight -= dropped
         self._check_room()
         tps = [p.tp for p in parts]
         # Wait (bounded) for what the pool still runs of these partitions.
@@ -688,6 +734,7 @@ class EventConsumer:
         left = sum(p.busy for p in parts)
         for tp in tps:
             self._parts.pop(tp, None)
+            self._pauses.forget(tp)
             self.metrics.forget_partition(tp.topic, tp.partition)
         self.metrics.rebalances.labels("revoked").inc(len(tps))
         log.info(
@@ -700,25 +747,16 @@ class EventConsumer:
 
     # ------------------------------------------------------------ pause/resume
 
-    def _apply_pause(self, part: _Partition) -> None:
-        """Make the consumer's pause state of ``part`` match its holds."""
-        tp = part.tp
-        holds = part.holds
-        for reason in (OPERATOR, DRAIN):
-            if reason in self._holds_all or tp in self._holds_some[reason]:
-                holds.add(reason)
-            else:
-                holds.discard(reason)
-        want = bool(holds) or not self._fetching
+    def _sync_pauses(self) -> None:
+        """Make the consumer's pause state match the pause book."""
         consumer = self._consumer
-        if consumer is None or part.revoked:
-            return
-        if want and not part.kafka_paused:
-            consumer.pause(tp)
-            part.kafka_paused = True
-        elif not want and part.kafka_paused:
-            consumer.resume(tp)
-            part.kafka_paused = False
+        if consumer is None:
+            return  # no partition is assigned
+        for tp, pause in self._pauses.take_changes():
+            if pause:
+                consumer.pause(tp)
+            else:
+                consumer.resume(tp)
 
     @property
     def assignment(self) -> list[TopicPartition]:
@@ -727,36 +765,19 @@ class EventConsumer:
     def hold(
         self, reason: str, partitions: Sequence[TopicPartition] | None
     ) -> list[TopicPartition]:
-        """Pause ``partitions`` (all assigned, now and later, when ``None``) for ``reason``."""
-        if partitions is None:
-            self._holds_all.add(reason)
-        else:
-            self._holds_some[reason].update(partitions)
-        for part in self._parts.values():
-            self._apply_pause(part)
-        return [tp for tp, p in sorted(self._parts.items()) if reason in p.holds]
+        """Pause ``partitions`` (all assigned, now and later, when ``None``) for
+        ``reason`` (``operator`` or ``drain``); return the partitions it holds."""
+        held = self._pauses.hold(reason, partitions)
+        self._sync_pauses()
+        return sorted(held)
 
     def release(
         self, reasons: Iterable[str], partitions: Sequence[TopicPartition] | None
     ) -> list[TopicPartition]:
         """Lift ``reasons`` from ``partitions`` (all when ``None``); return those released."""
-        before = {tp: set(p.holds) for tp, p in self._parts.items()}
-        for reason in reasons:
-            if partitions is None:
-                self._holds_all.discard(reason)
-                self._holds_some[reason].clear()
-            else:
-                if reason in self._holds_all:
-                    # "all" becomes "all assigned but these".
-                    self._holds_all.discard(reason)
-                    self._holds_some[reason].update(self._parts)
-                self._holds_some[reason].difference_update(partitions)
-        released = []
-        for tp, part in sorted(self._parts.items()):
-            self._apply_pause(part)
-            if before[tp] - part.holds:
-                released.append(tp)
-        return released
+        released = self._pauses.release(reasons, partitions)
+        self._sync_pauses()
+        return sorted(released)
 
     # ----------------------------------------------------------------- status
 
@@ -778,6 +799,7 @@ class EventConsumer:
 
     def partition_status(self) -> tuple[PartitionStatus, ...]:
         consumer = self._consumer
+        pauses = self._pauses
         out = []
         for tp, part in sorted(self._parts.items()):
             high = None
@@ -798,8 +820,8 @@ class EventConsumer:
                     position=part.position,
                     high_watermark=high,
                     lag=lag,
-                    paused=bool(part.holds),
-                    paused_reasons=tuple(r for r in PAUSE_REASONS if r in part.holds),
+                    paused=pauses.held(tp),
+                    paused_reasons=pauses.reasons(tp),
                     in_flight=part.tracker.in_flight,
                 )
             )

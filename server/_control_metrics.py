@@ -1,38 +1,19 @@
-"""Metric names of the gRPC control plane, typed, and their Prometheus collectors."""
+"""The gRPC control plane's Prometheus metrics (names: ``pool._metric_defs.ControlMetric``)."""
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-ControlMetricName = Literal[
-    # Counter, labels ``method`` (e.g. "SetPoolMode") and ``code`` (e.g. "OK",
-    # "INVALID_ARGUMENT"): control-plane calls handled, like grpc_server_handled_total.
-    "pool_control_grpc_calls_total",
-    # Histogram, label ``method``: seconds from the call's arrival to its status
-    # (a whole stream for StreamDeadLetters and Drain).
-    "pool_control_grpc_call_duration_seconds",
-    # Counter: dead letters a StreamDeadLetters reader skipped
-    # because its buffer was full (a slow reader).
-    "pool_control_dead_letter_stream_skipped_total",
-]
-
-CALLS: Final[ControlMetricName] = "pool_control_grpc_calls_total"
-DURATION: Final[ControlMetricName] = "pool_control_grpc_call_duration_seconds"
-STREAM_SKIPPED: Final[ControlMetricName] = "pool_control_dead_letter_stream_skipped_total"
+from pool._metric_defs import metric_name
 
 DURATION_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
-
-
-def _counter_name(name: ControlMetricName) -> str:
-    # prometheus-client appends ``_total`` to counters itself.
-    return name.removesuffix("_total")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +38,20 @@ def control_metrics(registry: CollectorRegistry | None = None) -> ControlMetrics
     if metrics is None:
         metrics = ControlMetrics(
             calls=Counter(
-                _counter_name(CALLS),
+                metric_name("control", "grpc_calls_total"),
                 "Control-plane gRPC calls handled, by method and status code.",
                 ["method", "code"],
                 registry=registry,
             ),
             duration=Histogram(
-                DURATION,
+                metric_name("control", "grpc_call_duration_seconds"),
                 "Duration of control-plane gRPC calls (whole stream for streams), in seconds.",
                 ["method"],
                 buckets=DURATION_BUCKETS,
                 registry=registry,
             ),
             stream_skipped=Counter(
-                _counter_name(STREAM_SKIPPED),
+                metric_name("control", "dead_letter_stream_skipped_total"),
                 "Dead letters skipped by a slow StreamDeadLetters reader (buffer full).",
                 registry=registry,
             ),

@@ -179,7 +179,8 @@ class DeadLetterSink:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the owned producer. Idempotent."""
+        """Start the owned producer. Idempotent. When that fails (no broker answers)
+        the producer is stopped again before the error is raised."""
         if self._closed:
             raise DeadLetterSinkError("the dead-letter sink is closed")
         if self._started:
@@ -191,7 +192,11 @@ class DeadLetterSink:
             enable_idempotence=False,
             **self._producer_options,
         )
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
         self._producer = producer
         self._started = True
 

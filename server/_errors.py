@@ -10,6 +10,8 @@ The subclasses live with the code that raises them:
 
 - :class:`server._config.ConfigError` and :class:`server._grpc.GrpcConfigError`
   (the service refuses to start);
+- :class:`server._service.ServiceStartError` (an operational start-up failure:
+  no broker answered, a port is taken; retriable);
 - :class:`server._broker.BrokerError` (the embedded broker);
 - :class:`server._handlers.HandlerLoadError` (the handler cannot be imported);
 - :class:`server._intake.IntakeError` (a record that is not an event);

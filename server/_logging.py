@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import IO, Any, Final, Protocol
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor
 
 __all__ = ["LEVELS", "bind_event", "configure_logging", "event_fields"]
@@ -109,15 +110,22 @@ def configure_logging(
         structlog.processors.StackInfoRenderer(),
     ]
     renderer: list[Processor]
+    # Tracebacks without frame locals, in both renderings: locals make one line
+    # several kilobytes (the settings, the whole service object) and may carry
+    # secrets such as the gRPC tokens.
     if json:
         renderer = [
-            structlog.processors.dict_tracebacks,
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
             structlog.processors.UnicodeDecoder(),
             _keys_first,
             structlog.processors.JSONRenderer(sort_keys=False),
         ]
     else:
-        renderer = [structlog.dev.ConsoleRenderer(colors=bool(out.isatty()))]
+        renderer = [
+            structlog.dev.ConsoleRenderer(
+                colors=bool(out.isatty()), exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
 
     structlog.configure(
         processors=[

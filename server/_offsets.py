@@ -4,7 +4,7 @@ The consumer dispatches events without waiting for them, so they finish out of
 order. Kafka only stores one number per partition ("everything below this is
 done"), so the number we may commit is the highest *contiguous* finished offset
 + 1: an unfinished event anywhere below holds the commit back. That is the
-at-least-once rule of DESIGN.md.
+at-least-once rule of docs/design.md.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-ASYNCIO_TASKS: Final = "kafka_eventbus_process_asyncio_tasks"
+from pool._metric_defs import metric_name
+
+ASYNCIO_TASKS: Final = metric_name("process", "asyncio_tasks")
 
 
 class AsyncioTasksCollector(Collector):

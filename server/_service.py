@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from prometheus_client import (
     CollectorRegistry,
     GCCollector,
@@ -34,9 +37,11 @@ from prometheus_client import (
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     DeadLetter,
     Handler,
     KeyedWorkerPool,
+    PoolOptions,
     PoolSwitch,
     PrometheusPoolMetrics,
     RetryPolicy,
@@ -60,14 +65,23 @@ from server._control import (
     UnknownPartitionError,
 )
 from server._dlq import DeadLetterSink
+from server._errors import ServiceError
 from server._handlers import load_handler
 from server._intake import Decoder
 from server._process_metrics import AsyncioTasksCollector
 from server._switch_metrics import SwitchMetrics
+from server._version import version
 
 log = structlog.get_logger("server.service")
 
-VERSION = "0.1.0"
+
+class ServiceStartError(ServiceError, RuntimeError):
+    """The service could not start for an operational reason — no Kafka broker
+    answered, the ``/metrics`` port is taken — rather than a bug. The message
+    names what failed and where, in one line; the cause is chained. Retriable:
+    a later start may find the broker up and the port free."""
+
+    retriable = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +98,8 @@ class Endpoints:
 class Service:
     """The whole process as one object; ``async with Service(...)`` runs it.
 
-    ``handler`` overrides ``settings.pool.handler`` (tests); ``registry``
+    ``handler`` overrides ``settings.pool.handler`` (tests; ``pool-server`` passes
+    the handler it loaded and checked with the configuration); ``registry``
     defaults to a fresh registry per service, served on ``/metrics``.
     ``grpc=False`` skips the control plane (in-process tests of the consumer).
     """
@@ -132,28 +147,36 @@ class Service:
             multiplier=r.multiplier,
             jitter=r.jitter,
         )
-        common: dict[str, Any] = {
-            "retry": retry,
-            "handler_timeout": s.pool.handler_timeout_s,
-            "handler_threads": s.pool.handler_threads,
-            # The dead-letter sink logs each one once published (with its ID).
-            "log_dead_letters": False,
-        }
+        pool_metrics = functools.partial(
+            PrometheusPoolMetrics, registry=self.registry, per_executor=s.metrics.per_executor
+        )
+        p = s.pool
         keyed = KeyedWorkerPool(
             handler,
-            size=s.pool.keyed.workers,
-            queue_size=s.pool.keyed.queue_size,
-            metrics=PrometheusPoolMetrics("keyed", s.pool.keyed.workers, self.registry),
-            **common,
+            PoolOptions(
+                size=p.keyed.workers,
+                capacity=p.keyed.queue_size,
+                retry=retry,
+                handler_timeout=p.handler_timeout_s,
+                handler_threads=p.handler_threads,
+                # The dead-letter sink logs each one once published (with its ID).
+                log_dead_letters=False,
+            ),
+            metrics=pool_metrics("keyed", p.keyed.workers),
         )
         actor = ActorPool(
             handler,
-            size=s.pool.actor.actors,
-            inbox_size=s.pool.actor.inbox_size,
-            max_restarts=s.pool.actor.max_restarts,
-            restart_window=s.pool.actor.restart_window_s,
-            metrics=PrometheusPoolMetrics("actor", s.pool.actor.actors, self.registry),
-            **common,
+            ActorPoolOptions(
+                size=p.actor.actors,
+                capacity=p.actor.inbox_size,
+                max_restarts=p.actor.max_restarts,
+                restart_window=p.actor.restart_window_s,
+                retry=retry,
+                handler_timeout=p.handler_timeout_s,
+                handler_threads=p.handler_threads,
+                log_dead_letters=False,
+            ),
+            metrics=pool_metrics("actor", p.actor.actors),
         )
         self._switch = PoolSwitch(
             keyed, actor, mode=s.mode, rollout_percent=s.kafka.actor_pool.rollout_percent
@@ -162,7 +185,7 @@ class Service:
         self.switch_metrics = SwitchMetrics(self._switch, self.registry)
         self._switch.add_change_listener(self.switch_metrics.on_change)
         self._sink = DeadLetterSink.from_settings(s, self.bootstrap_servers)
-        await self._sink.start()
+        await self._connect("the dead-letter producer", AIOKafkaProducer, self._sink.start())
         c = s.kafka.consumer
         options = ConsumerOptions(
             bootstrap_servers=self.bootstrap_servers,
@@ -189,14 +212,19 @@ class Service:
         metrics_address = None
         if s.metrics.enabled:
             host, _, port = s.metrics.address.rpartition(":")
-            self._http, self._http_thread = start_http_server(
-                int(port), addr=host, registry=self.registry
-            )
+            try:
+                self._http, self._http_thread = start_http_server(
+                    int(port), addr=host, registry=self.registry
+                )
+            except OSError as exc:
+                raise ServiceStartError(
+                    f"cannot bind /metrics to {s.metrics.address}: {exc.strerror or exc}"
+                ) from exc
             metrics_address = f"{host}:{self._http.server_address[1]}"
         grpc_address = None
         if self._grpc_enabled:
             grpc_address = await self._start_grpc()
-        await self._consumer.start()
+        await self._connect("the consumer", AIOKafkaConsumer, self._consumer.start())
         self._ready = True
         if self._grpc is not None:
             await self._grpc.set_ready(True)
@@ -217,6 +245,18 @@ class Service:
             group_id=c.group_id,
         )
         return self.endpoints
+
+    async def _connect(self, who: str, client: type, start: Awaitable[None]) -> None:
+        """Await ``start`` (a Kafka client connecting); no broker answering becomes a
+        :class:`ServiceStartError` naming the brokers and the connect timeout."""
+        try:
+            await start
+        except KafkaConnectionError as exc:
+            timeout_ms = inspect.signature(client).parameters["request_timeout_ms"].default
+            raise ServiceStartError(
+                f"cannot connect to Kafka at {self.bootstrap_servers}: no broker answered "
+                f"{who} (connect timeout {timeout_ms / 1000:g} s each)"
+            ) from exc
 
     async def _start_grpc(self) -> str:
         from server._grpc import TlsFiles, start_grpc_server
@@ -251,12 +291,24 @@ class Service:
 
     async def wait(self) -> None:
         """Return when the service stopped, or raise a consumer task's failure."""
-        while not self._stopped.is_set():
-            consumer = self._consumer
-            if consumer is not None and consumer.failure is not None:
-                raise consumer.failure
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), 0.5)
+        if self._stopped.is_set():
+            return
+        consumer = self._consumer
+        if consumer is None:
+            await self._stopped.wait()
+            return
+        if consumer.failure is not None:
+            raise consumer.failure
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        failed = asyncio.ensure_future(consumer.failed())
+        try:
+            await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (stopped, failed):
+                waiter.cancel()
+            await asyncio.gather(stopped, failed, return_exceptions=True)
+        if stopped.cancelled():  # it was not what ended the wait: the failure was
+            raise failed.result()
 
     async def stop(self) -> None:
         """Graceful stop in the documented order. Idempotent; concurrent calls share it."""
@@ -350,7 +402,7 @@ class Service:
             restarts=restarts,
             dead_letters=self._sink.published if self._sink is not None else 0,
             uptime_s=time.monotonic() - self._started_at,
-            version=VERSION,
+            version=version(),
             ready=self._ready,
             draining=self._draining,
             group_id=s.kafka.consumer.group_id,

@@ -17,41 +17,22 @@ Wiring (one registry per service)::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Final, Literal, get_args
+from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pool import PoolMode
+from pool._metric_defs import metric_name, names_of
 from server._control import ModeSwitch, SwitchOutcome
 
 __all__ = ["SWITCH_METRICS", "SwitchKind", "SwitchMetrics"]
 
 SwitchKind = Literal["mode", "rollout"]
 
-SwitchMetricName = Literal[
-    # Gauge {mode}: 1 for the mode in force, 0 for the other.
-    "kafka_eventbus_pool_mode",
-    # Gauge: share (0-100) of aggregates routed to the actor pool in ACTOR mode.
-    "kafka_eventbus_pool_rollout_percent",
-    # Counter: mode or rollout changes since start (the switch's generation).
-    "kafka_eventbus_pool_switches_total",
-    # Gauge: Unix time of the last mode or rollout change (start time if none).
-    "kafka_eventbus_pool_last_switch_timestamp_seconds",
-    # Gauge: events held for a handover (waiting for their aggregate's earlier
-    # events in the other pool).
-    "kafka_eventbus_pool_held_events",
-    # Histogram {kind}: from a change's call until every waiting aggregate was
-    # handed over (or the wait timed out).
-    "kafka_eventbus_pool_switch_duration_seconds",
-    # Counter {outcome}: drains ended, "complete" or "timeout".
-    "kafka_eventbus_pool_drains_total",
-    # Histogram: duration of a drain.
-    "kafka_eventbus_pool_drain_duration_seconds",
-]
-
-SWITCH_METRICS: Final[tuple[SwitchMetricName, ...]] = get_args(SwitchMetricName)
+#: Every name this module exports, derived from ``pool._metric_defs.SwitchMetric``.
+SWITCH_METRICS: Final = names_of("switch")
 
 SWITCH_BUCKETS: Final = (
     0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -65,7 +46,7 @@ class SwitchMetrics:
     def __init__(self, switch: ModeSwitch, registry: CollectorRegistry) -> None:
         self._switch = switch
         self._duration = Histogram(
-            "kafka_eventbus_pool_switch_duration_seconds",
+            metric_name("switch", "switch_duration_seconds"),
             "Duration of a mode or rollout change until every waiting aggregate was handed over.",
             ["kind"],
             buckets=SWITCH_BUCKETS,
@@ -74,7 +55,7 @@ class SwitchMetrics:
         for kind in ("mode", "rollout"):
             self._duration.labels(kind)
         self._drains = Counter(
-            "kafka_eventbus_pool_drains",
+            metric_name("switch", "drains_total"),
             "Drains ended, by outcome (complete or timeout).",
             ["outcome"],
             registry=registry,
@@ -82,7 +63,7 @@ class SwitchMetrics:
         for outcome in ("complete", "timeout"):
             self._drains.labels(outcome)
         self._drain_duration = Histogram(
-            "kafka_eventbus_pool_drain_duration_seconds",
+            metric_name("switch", "drain_duration_seconds"),
             "Duration of a drain, in seconds.",
             buckets=DRAIN_BUCKETS,
             registry=registry,
@@ -111,7 +92,7 @@ class _SwitchCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         sw = self._switch
         mode = GaugeMetricFamily(
-            "kafka_eventbus_pool_mode",
+            metric_name("switch", "mode"),
             "1 for the pool mode in force (keyed or actor), 0 for the other.",
             labels=["mode"],
         )
@@ -119,24 +100,24 @@ class _SwitchCollector(Collector):
             mode.add_metric([candidate.value], 1.0 if sw.mode is candidate else 0.0)
         yield mode
         yield GaugeMetricFamily(
-            "kafka_eventbus_pool_rollout_percent",
+            metric_name("switch", "rollout_percent"),
             "Share (0-100) of aggregates routed to the actor pool in ACTOR mode.",
             value=sw.rollout_percent,
         )
         yield CounterMetricFamily(
-            "kafka_eventbus_pool_switches",
+            metric_name("switch", "switches_total"),
             "Mode or rollout changes since start.",
             value=sw.generation,
         )
         yield GaugeMetricFamily(
-            "kafka_eventbus_pool_last_switch_timestamp_seconds",
+            metric_name("switch", "last_switch_timestamp_seconds"),
             "Unix time of the last mode or rollout change (start time if none).",
             value=sw.since,
         )
         held = getattr(sw, "held", None)
         if isinstance(held, int):
             yield GaugeMetricFamily(
-                "kafka_eventbus_pool_held_events",
+                metric_name("switch", "held_events"),
                 "Events held for a handover: waiting for their aggregate's earlier events "
                 "in the other pool.",
                 value=held,

@@ -7,7 +7,7 @@ envelopes with wrong field types, no ID at all, ...) and of a batch of random
 records drawn by hypothesis is produced to a real topic consumed by the real
 service (``python -m server``), once with ``intake.missingIdPolicy =
 dead-letter`` and once with ``route-by-offset``. Each record must get the
-outcome DESIGN.md defines, computed here by :func:`expected_outcome` — an
+outcome docs/design.md defines, computed here by :func:`expected_outcome` — an
 independent reading of the intake rules in ``docs/intake-and-config.md``, not
 the service's decoder:
 
@@ -105,7 +105,7 @@ def expected_outcome(
     max_value_bytes: int,
     policy: str,
 ) -> Outcome:
-    """DESIGN.md / docs/intake-and-config.md, read independently of server/_intake.py."""
+    """docs/design.md / docs/intake-and-config.md, read independently of server/_intake.py."""
     value = case.value or b""
     if len(value) > max_value_bytes:
         return ("dead", "oversized-value")

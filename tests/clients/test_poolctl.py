@@ -3,7 +3,10 @@ real control-plane servers on loopback."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import datetime as dt
+import importlib.metadata
 import json
 import os
 import shutil
@@ -11,8 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.poolctl import build_parser
 from pool import PoolMode
-from tests.helpers import find_free_port
+from tests.helpers import assert_eventually, find_free_port
 from tests.server.grpc_harness import ADMIN, READER, Gate, control_server
 
 
@@ -63,9 +67,9 @@ async def test_status_prints_a_table_and_json() -> None:
         assert as_json.code == 0, as_json.err
         doc = as_json.json()
         assert isinstance(doc, dict)
-        assert doc["mode"] == "POOL_MODE_KEYED"
+        assert doc["mode"] == "KEYED"
         assert [p["partition"] for p in doc["partitions"]] == [0, 1]
-        assert doc["partitions"][0]["position"] == "1"  # int64 is a string in proto JSON
+        assert doc["partitions"][0]["position"] == 1  # int64 is a number, not proto JSON's string
 
 
 async def test_mode_and_rollout_change_the_service_and_exit_zero() -> None:
@@ -73,7 +77,7 @@ async def test_mode_and_rollout_change_the_service_and_exit_zero() -> None:
         env = {"POOLCTL_TOKEN": ADMIN, "POOLCTL_TARGET": h.address}
         switched = await poolctl("mode", "actor", "--json", "--request-id", "cli-1", env=env)
         assert switched.code == 0, switched.err
-        assert switched.json()["result"]["mode"] == "POOL_MODE_ACTOR"  # type: ignore[index]
+        assert switched.json()["result"]["mode"] == "ACTOR"  # type: ignore[index]
         assert h.switch.mode is PoolMode.ACTOR
         rollout = await poolctl("rollout", "30", env=env)
         assert rollout.code == 0, rollout.err
@@ -108,7 +112,7 @@ async def test_exit_codes_scripts_can_rely_on() -> None:
         doc = timed_out.json()
         assert isinstance(doc, dict)
         assert doc["error"]["code"] == "DEADLINE_EXCEEDED"
-        assert doc["result"]["remaining"] == "1"
+        assert doc["result"]["remaining"] == 1
         gate.open()
         drained = await poolctl("drain", "--timeout", "5", *target, "--token", ADMIN)
         assert drained.code == 0, drained.err
@@ -147,7 +151,7 @@ async def test_dead_letters_print_json_lines() -> None:
             "poison-0",
             "poison-1",
         ]
-        assert lines[2]["backlog_end"]["count"] == "2"
+        assert lines[2]["backlog_end"]["count"] == 2
         table = await poolctl("dead-letters", "--aggregate", "poison-1", "--target", h.address)
         assert table.code == 0
         assert "aggregate=poison-1" in table.out
@@ -155,3 +159,171 @@ async def test_dead_letters_print_json_lines() -> None:
         redrive = await poolctl("redrive", "--all", "--target", h.address)
         assert redrive.code == 0, redrive.err
         assert "republished 2" in redrive.out
+
+
+async def test_version_is_the_installed_distributions() -> None:
+    run = await poolctl("--version")
+    assert run.code == 0, run.err
+    assert run.out == f"poolctl {importlib.metadata.version('kafka-actor-pool')}\n"
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {c.dest: bool(c.help) for c in commands._choices_actions} == dict.fromkeys(
+        commands.choices, True
+    )
+    missing = [
+        f"{name}: {'/'.join(action.option_strings) or action.dest}"
+        for name, command in [("poolctl", parser), *commands.choices.items()]
+        for action in command._actions
+        if action is not commands and not action.help
+    ]
+    assert missing == []
+    assert len(commands.choices) == 9  # the walk saw every command
+
+
+async def test_bad_arguments_are_usage_errors_of_their_command() -> None:
+    down = ("--target", f"127.0.0.1:{find_free_port()}")  # never reached: argparse rejects first
+    for args, expected in [
+        (("rollout", "150"), "poolctl rollout: error: argument percent: must be within 0..100"),
+        (("rollout", "abc"), "poolctl rollout: error: argument percent: not a number: 'abc'"),
+        (("rollout", "-5"), "poolctl rollout: error:"),
+        (("depth", "--top", "5000"), "poolctl depth: error: argument --top: must be within"),
+        (("mode", "actor", "--wait", "-1"), "poolctl mode: error: argument --wait: must be >= 0"),
+        (("redrive", "--id", "dl-1", "--all"), "poolctl redrive: error: argument --all: not"),
+    ]:
+        run = await poolctl(*args, *down)
+        assert run.code == 2, (args, run.err)
+        assert expected in run.err, (args, run.err)
+
+
+def _rfc3339(text: object) -> dt.datetime:
+    assert isinstance(text, str), text
+    assert text.endswith("Z"), text
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+async def test_json_output_has_numbers_seconds_times_and_readable_names() -> None:
+    gate = Gate(closed=True)
+    async with control_server(gate) as h:
+        await h.target.feed("agg-1")
+        target = ("--json", "--target", h.address)
+        status = (await poolctl("status", *target)).json()
+        assert isinstance(status, dict)
+        assert status["mode"] == "KEYED"
+        assert [p["mode"] for p in status["pools"]] == ["KEYED", "ACTOR"]
+        assert status["generation"] == 0
+        assert status["in_flight"] == 1
+        assert isinstance(status["uptime"], float)
+        assert 0 < status["uptime"] < 60
+        assert abs(_rfc3339(status["since"]).timestamp() - h.switch.since) < 1
+        first = status["partitions"][0]
+        assert (first["position"], first["lag"], first["in_flight"]) == (1, 1, 1)
+        assert first["committed"] is None  # unset optional: null
+        # A name from the JSON is a valid argument ("ACTOR": any case).
+        actor = status["pools"][1]["mode"]
+        switched = (await poolctl("mode", actor, "--wait", "0", *target)).json()
+        assert isinstance(switched, dict)
+        result = switched["result"]
+        assert (result["previous_mode"], result["mode"]) == ("KEYED", "ACTOR")
+        assert result["generation"] == 1
+        assert result["pending_aggregates"] == 1
+        assert isinstance(result["took"], float)
+        assert 0 <= result["took"] < 5
+        depth = (await poolctl("depth", "--aggregate", "agg-1", *target)).json()
+        assert isinstance(depth, dict)
+        assert depth["aggregate"]["depth"] == 1
+        assert {p["mode"]: p["total"] for p in depth["pools"]} == {"KEYED": 1, "ACTOR": 0}
+        drain = asyncio.create_task(poolctl("drain", "--resume", *target))
+        await assert_eventually(lambda: h.target.status().draining, message="drain running")
+        gate.open()
+        drained = (await drain).json()
+        assert isinstance(drained, dict)
+        assert (drained["finished"], drained["remaining"]) == (1, 0)
+        assert drained["committed"] == [{"topic": "events", "partition": 0, "offset": 1}]
+        assert isinstance(drained["took"], float)
+        paused = (await poolctl("pause", "--partition", "events:1", *target)).json()
+        assert paused == {"partitions": [{"topic": "events", "partition": 1}]}
+        resumed = (await poolctl("resume", *target)).json()
+        assert resumed == {"partitions": [{"topic": "events", "partition": 1}]}
+        await (await h.target.feed("poison-1"))
+        lines = [
+            json.loads(line) for line in (await poolctl("dead-letters", *target)).out.splitlines()
+        ]
+        dead = lines[0]["dead_letter"]
+        assert (dead["offset"], dead["attempts"], dead["key"]) == (1, 1, "cG9pc29uLTE=")
+        assert abs(_rfc3339(dead["time"]).timestamp() - dead["timestamp_ms"] / 1000) < 5
+        assert lines[1] == {"target": h.address, "backlog_end": {"count": 1}}
+
+
+async def test_rollout_in_keyed_mode_says_it_takes_effect_in_actor_mode() -> None:
+    async with control_server() as h:
+        target = ("--target", h.address)
+        keyed = await poolctl("rollout", "50", *target)
+        assert keyed.code == 0, keyed.err
+        assert "rollout 100% -> 50%" in keyed.out
+        assert "in keyed mode; the rollout takes effect in actor mode" in keyed.out
+        as_json = await poolctl("rollout", "40", "--json", *target)
+        assert as_json.code == 0, as_json.err
+        assert as_json.json()["result"]["rollout_percent"] == 40.0  # type: ignore[index]
+        assert "takes effect in actor mode" in as_json.err
+        assert (await poolctl("mode", "actor", *target)).code == 0
+        actor = await poolctl("rollout", "50", *target)
+        assert actor.code == 0, actor.err
+        assert "rollout 40% -> 50%" in actor.out
+        assert "takes effect" not in actor.out + actor.err
+        assert h.switch.rollout_percent == 50.0
+
+
+async def test_status_after_a_drain_shows_the_service_drained() -> None:
+    gate = Gate(closed=True)
+    async with control_server(gate) as h:
+        target = ("--target", h.address)
+        await h.target.feed("agg-1")
+        drain = asyncio.create_task(poolctl("drain", "--timeout", "10", *target))
+        await assert_eventually(lambda: h.target.status().draining, message="drain running")
+        during = await poolctl("status", *target)
+        assert "intake      draining: 2 of 2 partitions paused (drain)" in during.out
+        gate.open()
+        drained = await drain
+        assert drained.code == 0, drained.err
+        assert "drain complete: 1 event finished, 0 remaining" in drained.out
+        after = await poolctl("status", *target)
+        assert after.code == 0, after.err
+        assert "intake      drained: 2 of 2 partitions paused (drain)" in after.out
+        rows = [line.split() for line in after.out.splitlines() if line.startswith("events ")]
+        assert [row[-1] for row in rows] == ["drain", "drain"]
+        doc = (await poolctl("status", "--json", *target)).json()
+        assert isinstance(doc, dict)
+        assert (doc["intake"], doc["draining"]) == ("drained", False)
+        assert [p["paused_reasons"] for p in doc["partitions"]] == [["drain"], ["drain"]]
+        assert (await poolctl("resume", "--partition", "events:1", *target)).code == 0
+        partly = await poolctl("status", *target)
+        assert "intake      partly paused: 1 of 2 partitions paused (drain)" in partly.out
+        assert (await poolctl("resume", *target)).code == 0
+        running = await poolctl("status", *target)
+        assert "intake      running\n" in running.out
+
+
+async def test_counts_of_one_are_singular() -> None:
+    async with control_server() as h:
+        await (await h.target.feed("poison-1"))
+        target = ("--target", h.address)
+        listed = await poolctl("dead-letters", *target)
+        assert listed.code == 0, listed.err
+        assert "1 dead letter in memory" in listed.err
+        # (A drain's "1 event finished": test_status_after_a_drain_shows_the_service_drained.)
+        depth = await poolctl("depth", "--pool", "keyed", *target)
+        assert "8 executors x capacity 100" in depth.out
+        redrive = await poolctl("redrive", "--all", *target)
+        assert redrive.code == 0, redrive.err
+        assert "matched 1 dead letter, republished 1, failed 0" in redrive.out
+    async with control_server(size=1) as h:
+        depth = await poolctl("depth", "--target", h.address)
+        assert "1 executor x capacity 100" in depth.out
+        for n in range(2):
+            await (await h.target.feed(f"poison-{n}"))
+        assert (
+            "2 dead letters in memory" in (await poolctl("dead-letters", "--target", h.address)).err
+        )

@@ -4,9 +4,11 @@ Used by the Prometheus integration test as a scrape target that depends only
 on ``pool``: a :class:`pool.PoolSwitch` in ACTOR mode at 50 % rollout (so both
 pools get traffic), each pool with :class:`pool.PrometheusPoolMetrics`, an async
 handler that takes 0.2-2 ms, and a few poison aggregates routed to the actor
-pool that always raise (restarts, retries, dead letters).
+pool that always raise (restarts, retries, dead letters). ``--per-executor``
+exports the pools' metrics per executor (``actor_id``/``worker_id``), as
+``metrics.perExecutor`` does in the service.
 
-Run: ``python -m tests.deploy.pool_traffic --port N [--rate 400]``. Prints
+Run: ``python -m tests.deploy.pool_traffic --port N [--rate 400] [--per-executor]``. Prints
 ``ready <port>`` on stdout once /metrics is served; stops on SIGTERM/SIGINT.
 """
 
@@ -24,9 +26,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     KeyedWorkerPool,
     Message,
     PoolMode,
+    PoolOptions,
     PoolSwitch,
     PrometheusPoolMetrics,
     QueueFullError,
@@ -51,10 +55,10 @@ def poison_ids(count: int) -> list[str]:
     return out
 
 
-async def run(port: int, rate: float) -> None:
+async def run(port: int, rate: float, per_executor: bool) -> None:
     registry = CollectorRegistry()
-    keyed_metrics = PrometheusPoolMetrics("keyed", POOL_SIZE, registry)
-    actor_metrics = PrometheusPoolMetrics("actor", POOL_SIZE, registry)
+    keyed_metrics = PrometheusPoolMetrics("keyed", POOL_SIZE, registry, per_executor=per_executor)
+    actor_metrics = PrometheusPoolMetrics("actor", POOL_SIZE, registry, per_executor=per_executor)
     poison = set(poison_ids(2))
 
     async def handler(message: Message) -> None:
@@ -64,15 +68,13 @@ async def run(port: int, rate: float) -> None:
 
     retry = RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.01)
     keyed = KeyedWorkerPool(
-        handler, size=POOL_SIZE, queue_size=100, retry=retry, metrics=keyed_metrics
+        handler, PoolOptions(size=POOL_SIZE, capacity=100, retry=retry), metrics=keyed_metrics
     )
     actor = ActorPool(
         handler,
-        size=POOL_SIZE,
-        inbox_size=100,
-        max_restarts=3,
-        restart_window=60.0,
-        retry=retry,
+        ActorPoolOptions(
+            size=POOL_SIZE, capacity=100, max_restarts=3, restart_window=60.0, retry=retry
+        ),
         metrics=actor_metrics,
     )
     stop = asyncio.Event()
@@ -123,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--rate", type=float, default=200.0, help="events per second")
+    parser.add_argument("--per-executor", action="store_true", help="metrics per executor")
     args = parser.parse_args(argv)
     configure_logging("warning", json=True)
-    asyncio.run(run(args.port, args.rate))
+    asyncio.run(run(args.port, args.rate, args.per_executor))
     return 0
 
 

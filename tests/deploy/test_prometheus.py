@@ -2,8 +2,10 @@
 
 The integration part starts a real Prometheus on loopback (1 s scrape and rule
 evaluation, rules.yml loaded) scraping a process that runs both real pools
-under traffic (tests/deploy/pool_traffic.py), and evaluates the Go original's
-PromQL against it.
+under traffic with their metrics per executor (tests/deploy/pool_traffic.py
+``--per-executor``, as ``metrics.perExecutor`` does), and evaluates the Go
+original's PromQL against it. tests/deploy/test_service_prometheus.py does the
+same on the service's default exposition (one series per pool).
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ def pool_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = find_free_port()
     log = tmp_path_factory.mktemp("traffic") / "traffic.log"
     with log.open("wb") as err:
+        args = [f"--port={port}", "--rate=200", "--per-executor"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.deploy.pool_traffic", f"--port={port}", "--rate=200"],
+            [sys.executable, "-m", "tests.deploy.pool_traffic", *args],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -318,8 +321,9 @@ def test_dashboard_covers_the_issue_panels() -> None:
     data = prom.dashboard()
     panels = {p["title"]: p for p in data["panels"] if p["type"] != "row"}
     exprs = " ".join(e for _, e in prom.dashboard_expressions())
+    # The executors' depth distribution: per pool, so it works without perExecutor too.
     assert any(
-        p["type"] == "heatmap" and "inbox_utilization" in json.dumps(p) for p in panels.values()
+        p["type"] == "heatmap" and "inbox_depth_executors" in json.dumps(p) for p in panels.values()
     )
     for needle in (
         "kafka_eventbus_actor_pool_messages_sent_total",
@@ -328,6 +332,8 @@ def test_dashboard_covers_the_issue_panels() -> None:
         "histogram_quantile(0.95,",
         "histogram_quantile(0.99,",
         "kafka_eventbus_actor_pool_inbox_depth",
+        "kafka_eventbus_actor_pool_inbox_depth_max",
+        "kafka_eventbus_actor_pool_inbox_utilization",
         "kafka_eventbus_actor_pool_actor_restarted_total",
         "kafka_eventbus_actor_pool_dead_letters_total",
         "kafka_eventbus_consumer_lag",

@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from pool import ActorPool, BasePool, KeyedWorkerPool, Message, RetryPolicy
+from pool import (
+    ActorPool,
+    ActorPoolOptions,
+    BasePool,
+    KeyedWorkerPool,
+    Message,
+    PoolOptions,
+    RetryPolicy,
+)
 
 PoolFactory = Callable[..., BasePool]
 
@@ -15,13 +23,12 @@ PoolFactory = Callable[..., BasePool]
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.005, jitter=0.0)
 
 
-def make_pool(kind: str, handler: Any, **kw: Any) -> BasePool:
-    kw.setdefault("retry", FAST_RETRY)
+def make_pool(kind: str, handler: Any, **options: Any) -> BasePool:
+    """A pool of ``kind`` built with these options (fields of its options class)."""
+    options.setdefault("retry", FAST_RETRY)
     if kind == "keyed":
-        queue = kw.pop("capacity", 1000)
-        return KeyedWorkerPool(handler, queue_size=queue, **kw)
-    inbox = kw.pop("capacity", 1000)
-    return ActorPool(handler, inbox_size=inbox, **kw)
+        return KeyedWorkerPool(handler, PoolOptions(**options))
+    return ActorPool(handler, ActorPoolOptions(**options))
 
 
 @pytest.fixture(params=["keyed", "actor"])

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from pool import ActorPool, DeadLetterReason, Message, RetryPolicy
+from pool import ActorPool, ActorPoolOptions, DeadLetterReason, Message, RetryPolicy
 from tests.pool.conftest import FAST_RETRY, msg
 
 
@@ -55,8 +55,8 @@ async def test_each_actor_has_its_own_state_rebuilt_on_restart() -> None:
     reports: list[tuple[str, int]] = []
     metrics = Recorded()
     pool = ActorPool(
-        actor_factory=factory, size=4, retry=RetryPolicy(max_attempts=2, initial_backoff=0.001),
-        metrics=metrics,
+        options=ActorPoolOptions(size=4, retry=RetryPolicy(max_attempts=2, initial_backoff=0.001)),
+        actor_factory=factory, metrics=metrics,
     )  # fmt: skip
     assert sorted(built) == [0, 1, 2, 3]
     async with pool:
@@ -95,10 +95,12 @@ async def test_a_crash_loop_spends_the_budget_and_escalates_once_logged() -> Non
 
     pool = ActorPool(
         handler,
-        size=1,  # everything on one actor
-        max_restarts=2,
-        restart_window=60.0,
-        retry=RetryPolicy(max_attempts=3, initial_backoff=0.001, jitter=0.0),
+        ActorPoolOptions(
+            size=1,  # everything on one actor
+            max_restarts=2,
+            restart_window=60.0,
+            retry=RetryPolicy(max_attempts=3, initial_backoff=0.001, jitter=0.0),
+        ),
         clock=lambda: now[0],
     )
     exhausted, escalated = ("retries-exhausted", 3), ("restart-budget-exhausted", 1)
@@ -141,9 +143,11 @@ async def test_a_success_makes_the_budget_whole_so_a_failure_rate_is_retried() -
 
     pool = ActorPool(
         handler,
-        size=1,
-        max_restarts=1,  # without the reset, the second failing event would escalate
-        retry=RetryPolicy(max_attempts=3, initial_backoff=0.001, jitter=0.0),
+        ActorPoolOptions(
+            size=1,
+            max_restarts=1,  # without the reset, the second failing event would escalate
+            retry=RetryPolicy(max_attempts=3, initial_backoff=0.001, jitter=0.0),
+        ),
     )
     async with pool:
         outcomes = []
@@ -164,7 +168,9 @@ async def test_restart_storm_keeps_inbox_order_behind_the_crashing_event() -> No
             raise RuntimeError("crash once")
         seen.append(m.offset)
 
-    async with ActorPool(handler, size=1, max_restarts=1000, retry=FAST_RETRY) as pool:
+    async with ActorPool(
+        handler, ActorPoolOptions(size=1, max_restarts=1000, retry=FAST_RETRY)
+    ) as pool:
         futures = [await pool.submit(msg("a", i)) for i in range(300)]
         assert await asyncio.wait_for(asyncio.gather(*futures), 10) == [None] * 300
     assert seen == list(range(300))

@@ -1,4 +1,4 @@
-"""The Prometheus collector under DESIGN.md's names, read back from real exposition."""
+"""The Prometheus collector under the original's names, read back from real exposition."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
+    DeadLetterReason,
     KeyedWorkerPool,
     Message,
     NoopMetrics,
+    PoolOptions,
     PrometheusPoolMetrics,
     RetryPolicy,
 )
@@ -37,9 +40,9 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str
     return out
 
 
-async def test_actor_pool_exports_the_original_seven_metrics() -> None:
+async def test_actor_pool_exports_the_original_seven_metrics_per_executor() -> None:
     registry = CollectorRegistry()
-    metrics = PrometheusPoolMetrics("actor", 4, registry)
+    metrics = PrometheusPoolMetrics("actor", 4, registry, per_executor=True)
     gate = asyncio.Event()
 
     async def handler(m: Message) -> None:
@@ -49,7 +52,9 @@ async def test_actor_pool_exports_the_original_seven_metrics() -> None:
             raise RuntimeError("x")
 
     retry = RetryPolicy(max_attempts=2, initial_backoff=0.0, jitter=0.0)
-    async with ActorPool(handler, size=4, inbox_size=10, retry=retry, metrics=metrics) as pool:
+    async with ActorPool(
+        handler, ActorPoolOptions(size=4, capacity=10, retry=retry), metrics=metrics
+    ) as pool:
         good = pool.executor_for("good")
         held = pool.executor_for("held")
         bad = pool.executor_for("bad")
@@ -87,18 +92,152 @@ async def test_actor_pool_exports_the_original_seven_metrics() -> None:
 
 async def test_keyed_pool_mirrors_the_names_with_worker_id() -> None:
     registry = CollectorRegistry()
-    metrics = PrometheusPoolMetrics("keyed", 2, registry)
+    metrics = PrometheusPoolMetrics("keyed", 2, registry, per_executor=True)
 
     async def handler(m: Message) -> None:
         pass
 
-    async with KeyedWorkerPool(handler, size=2, metrics=metrics) as pool:
+    async with KeyedWorkerPool(handler, PoolOptions(size=2), metrics=metrics) as pool:
         await (await pool.submit(msg("a", 0)))
         index = pool.executor_for("a")
     s = samples(registry)
     assert s[("kafka_eventbus_keyed_pool_messages_sent_total", (("worker_id", str(index)),))] == 1
     assert ("kafka_eventbus_keyed_pool_inbox_depth", (("worker_id", "0"),)) in s
     assert not any(name.startswith("kafka_eventbus_actor_pool") for name, _ in s)
+
+
+async def test_by_default_each_name_is_one_series_per_pool_summed_over_executors() -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusPoolMetrics("actor", 4, registry)
+    gate = asyncio.Event()
+
+    async def handler(m: Message) -> None:
+        if m.aggregate_id == "held":
+            await gate.wait()
+        if m.aggregate_id == "poison":
+            raise RuntimeError("x")
+
+    retry = RetryPolicy(max_attempts=2, initial_backoff=0.0, jitter=0.0)
+    async with ActorPool(
+        handler, ActorPoolOptions(size=4, capacity=10, retry=retry), metrics=metrics
+    ) as pool:
+        assert len({pool.executor_for(a) for a in ("good", "held", "poison")}) == 3
+        await (await pool.submit(msg("good", 0)))
+        await (await pool.submit(msg("good", 1)))
+        await (await pool.submit(msg("poison", 2)))
+        for i in range(3):
+            await pool.submit(msg("held", 10 + i))
+        await asyncio.sleep(0)
+        s = samples(registry)
+        families = {name for name, _ in s}
+        for name in ORIGINAL_SEVEN:
+            assert any(f.startswith(name) for f in families), name
+        assert all(dict(labels).keys() <= {"success", "reason", "le"} for _, labels in s), s
+        p = "kafka_eventbus_actor_pool_"
+        assert s[(f"{p}messages_sent_total", ())] == 6
+        assert s[(f"{p}messages_processed_total", (("success", "true"),))] == 2
+        assert s[(f"{p}messages_processed_total", (("success", "false"),))] == 2
+        assert s[(f"{p}message_latency_seconds_count", ())] == 4
+        assert s[(f"{p}message_latency_seconds_bucket", (("le", "+Inf"),))] == 4
+        assert s[(f"{p}actor_restarted_total", ())] == 2
+        assert s[(f"{p}dead_letters_total", (("reason", "retries-exhausted"),))] == 1
+        # Depth is the pool's total; utilization, the fullest executor's (3 of 10).
+        assert s[(f"{p}inbox_depth", ())] == 3
+        assert s[(f"{p}inbox_utilization", ())] == 0.3
+        assert s[(f"{p}inbox_depth_max", ())] == 3
+        executors = f"{p}inbox_depth_executors"
+        assert s[(executors, (("le", "0.0"),))] == 3
+        assert s[(executors, (("le", "2.0"),))] == 3
+        assert s[(executors, (("le", "5.0"),))] == 4
+        assert s[(executors, (("le", "+Inf"),))] == 4
+        gate.set()
+        await pool.drain(5)
+        s = samples(registry)
+        assert s[(f"{p}inbox_depth", ())] == 0
+        assert s[(f"{p}inbox_depth_max", ())] == 0
+        assert s[(executors, (("le", "0.0"),))] == 4
+
+
+def test_default_latency_histogram_sums_the_executors_buckets() -> None:
+    registry = CollectorRegistry()
+    m = PrometheusPoolMetrics("keyed", 3, registry)
+    m.message_processed(0, True, 0.0001)
+    m.message_processed(1, True, 0.001)
+    m.message_processed(2, False, 0.002)
+    m.message_processed(2, True, 31.0)
+    s = samples(registry)
+    name = "kafka_eventbus_keyed_pool_message_latency_seconds"
+
+    def bucket(le: str) -> float:
+        return s[(f"{name}_bucket", (("le", le),))]
+
+    assert bucket("0.0001") == 1
+    assert bucket("0.001") == 2
+    assert bucket("0.0025") == 3
+    assert bucket("30.0") == 3
+    assert bucket("+Inf") == 4
+    assert s[(f"{name}_count", ())] == 4
+    assert s[(f"{name}_sum", ())] == pytest.approx(0.0001 + 0.001 + 0.002 + 31.0)
+    processed = "kafka_eventbus_keyed_pool_messages_processed_total"
+    assert s[(processed, (("success", "true"),))] == 3
+    assert s[(processed, (("success", "false"),))] == 1
+    assert not any(name.startswith("kafka_eventbus_keyed_pool_actor_") for name, _ in s)
+
+
+@pytest.mark.parametrize("per_executor", [False, True])
+def test_depth_max_and_distribution_count_executors_by_depth(per_executor: bool) -> None:
+    registry = CollectorRegistry()
+    m = PrometheusPoolMetrics("actor", 6, registry, per_executor=per_executor)
+    for executor, depth in enumerate((0, 1, 3, 1000, 7, 0)):
+        m.inbox_depth(executor, depth, 1000)
+    s = samples(registry)
+    p = "kafka_eventbus_actor_pool_"
+    assert s[(f"{p}inbox_depth_max", ())] == 1000
+    counts = {
+        dict(labels)["le"]: v
+        for (name, labels), v in s.items()
+        if name == f"{p}inbox_depth_executors"
+    }
+    assert counts == {
+        "0.0": 2, "1.0": 3, "2.0": 3, "5.0": 4, "10.0": 5, "20.0": 5, "50.0": 5, "100.0": 5,
+        "200.0": 5, "500.0": 5, "1000.0": 6, "2000.0": 6, "5000.0": 6, "10000.0": 6, "+Inf": 6,
+    }  # fmt: skip
+    if per_executor:
+        assert s[(f"{p}inbox_depth", (("actor_id", "3"),))] == 1000
+        assert s[(f"{p}inbox_utilization", (("actor_id", "2"),))] == 0.003
+    else:
+        assert s[(f"{p}inbox_depth", ())] == 1011
+        assert s[(f"{p}inbox_utilization", ())] == 1.0
+
+
+def _series(registry: CollectorRegistry) -> list[str]:
+    text = generate_latest(registry).decode()
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_two_pools_of_256_export_under_a_hundred_series_each_by_default() -> None:
+    """Every executor busy and every reason seen: still one series per name and labels."""
+    registry = CollectorRegistry()
+    per_executor = CollectorRegistry()
+    for kind in ("actor", "keyed"):
+        for m in (
+            PrometheusPoolMetrics(kind, 256, registry),
+            PrometheusPoolMetrics(kind, 256, per_executor, per_executor=True),
+        ):
+            for executor in range(256):
+                m.message_sent(executor)
+                m.message_processed(executor, executor % 2 == 0, executor / 1000)
+                m.inbox_depth(executor, executor, 1000)
+                m.actor_restarted(executor)
+                for reason in DeadLetterReason:
+                    m.dead_letter(executor, reason.value)
+    default = _series(registry)
+    assert len(default) < 2 * 100, len(default)
+    assert not [line for line in default if "actor_id" in line or "worker_id" in line]
+    detailed = _series(per_executor)
+    assert len(detailed) > 256 * 2 * 20, len(detailed)
+    assert sum('actor_id="255"' in line for line in detailed) > 20
+    assert sum('worker_id="255"' in line for line in detailed) > 20
 
 
 def test_noop_metrics_accepts_every_call() -> None:
@@ -112,7 +251,7 @@ def test_noop_metrics_accepts_every_call() -> None:
 
 def test_latency_histogram_is_exact_and_its_count_is_the_inf_bucket() -> None:
     registry = CollectorRegistry()
-    m = PrometheusPoolMetrics("keyed", 2, registry)
+    m = PrometheusPoolMetrics("keyed", 2, registry, per_executor=True)
     for duration in (0.0001, 0.00011, 0.001, 31.0):
         m.message_processed(1, True, duration)
     m.message_processed(1, False, 0.002)

@@ -148,6 +148,37 @@ async def test_full_queue_waits_drops_nothing_and_others_keep_flowing(
     assert [h for h in handled if h.startswith("slow")] == [f"slow:{i}" for i in range(4)]
 
 
+async def test_enqueue_nowait_returns_a_completion_only_when_asked(
+    pool_factory: PoolFactory,
+) -> None:
+    release = asyncio.Event()
+    finished: list[tuple[int, DeadLetter | None]] = []
+
+    async def handler(m: Message) -> None:
+        await release.wait()
+
+    pool = pool_factory(handler, size=1, capacity=2)
+    pool.add_finish_listener(lambda m, outcome: finished.append((m.offset, outcome)))
+    async with pool:
+        completion = pool.enqueue_nowait(msg("a", 0), True)
+        assert isinstance(completion, asyncio.Future)
+        assert pool.enqueue_nowait(msg("a", 1), False) is None
+        with pytest.raises(QueueFullError):
+            pool.enqueue_nowait(msg("a", 2), False)
+        assert pool.in_flight == 2  # the refused one was not enqueued
+        release.set()
+        assert await asyncio.wait_for(completion, 5) is None
+        await pool.drain(5)
+    assert finished == [(0, None), (1, None)]
+    with pytest.raises(PoolClosedError):
+        pool.enqueue_nowait(msg("a", 3), True)
+    pool.start()  # idempotent: a no-op once started, also after close
+    never_started = pool_factory(handler, size=1)
+    await never_started.close()
+    with pytest.raises(PoolClosedError):
+        never_started.start()
+
+
 async def test_depth_is_exact_per_executor_and_in_total(pool_factory: PoolFactory) -> None:
     release = asyncio.Event()
 

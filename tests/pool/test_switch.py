@@ -9,11 +9,13 @@ import pytest
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     DrainTimeoutError,
     KeyedWorkerPool,
     Message,
     PoolClosedError,
     PoolMode,
+    PoolOptions,
     PoolSwitch,
     QueueFullError,
     rollout_bucket,
@@ -56,8 +58,12 @@ def make_switch(t: Tracking, **kw) -> PoolSwitch:  # type: ignore[no-untyped-def
     size = kw.pop("size", 8)
     capacity = kw.pop("capacity", 100)
     return PoolSwitch(
-        KeyedWorkerPool(t.handler("keyed"), size=size, queue_size=capacity, retry=FAST_RETRY),
-        ActorPool(t.handler("actor"), size=size, inbox_size=capacity, retry=FAST_RETRY),
+        KeyedWorkerPool(
+            t.handler("keyed"), PoolOptions(size=size, capacity=capacity, retry=FAST_RETRY)
+        ),
+        ActorPool(
+            t.handler("actor"), ActorPoolOptions(size=size, capacity=capacity, retry=FAST_RETRY)
+        ),
         **kw,
     )
 
@@ -247,7 +253,7 @@ async def test_drain_close_and_submit_after_close() -> None:
 
 def test_switch_checks_its_pools() -> None:
     t = Tracking()
-    keyed = KeyedWorkerPool(t.handler("k"), size=1)
-    actor = ActorPool(t.handler("a"), size=1)
+    keyed = KeyedWorkerPool(t.handler("k"), PoolOptions(size=1))
+    actor = ActorPool(t.handler("a"), ActorPoolOptions(size=1))
     with pytest.raises(TypeError):
         PoolSwitch(actor, keyed)

@@ -10,7 +10,16 @@ from collections import defaultdict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pool import ActorPool, KeyedWorkerPool, Message, PoolMode, PoolSwitch, RetryPolicy
+from pool import (
+    ActorPool,
+    ActorPoolOptions,
+    KeyedWorkerPool,
+    Message,
+    PoolMode,
+    PoolOptions,
+    PoolSwitch,
+    RetryPolicy,
+)
 from tests.pool.conftest import msg
 
 RETRY = RetryPolicy(max_attempts=2, initial_backoff=0.0, max_backoff=0.0, jitter=0.0)
@@ -52,8 +61,10 @@ async def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
         finally:
             active.discard(m.aggregate_id)
 
-    keyed = KeyedWorkerPool(handler, size=2, queue_size=3, retry=RETRY)
-    actor = ActorPool(handler, size=2, inbox_size=3, retry=RETRY, max_restarts=10**6)
+    keyed = KeyedWorkerPool(handler, PoolOptions(size=2, capacity=3, retry=RETRY))
+    actor = ActorPool(
+        handler, ActorPoolOptions(size=2, capacity=3, retry=RETRY, max_restarts=10**6)
+    )
     futures: dict[int, asyncio.Future] = {}  # type: ignore[type-arg]
     finished: dict[int, list[bool]] = defaultdict(list)
     async with PoolSwitch(keyed, actor) as sw:

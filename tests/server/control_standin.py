@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     DeadLetter,
     Handler,
     KeyedWorkerPool,
     Message,
     PoolMode,
+    PoolOptions,
     PoolSwitch,
     RetryPolicy,
 )
@@ -54,8 +56,10 @@ def make_switch(
     rollout_percent: float = 100.0,
 ) -> PoolSwitch:
     retry = RetryPolicy(max_attempts=1, initial_backoff=0.001, max_backoff=0.001, jitter=0.0)
-    keyed = KeyedWorkerPool(handler, size=size, queue_size=capacity, retry=retry)
-    actor = ActorPool(actor_handler or handler, size=size, inbox_size=capacity, retry=retry)
+    keyed = KeyedWorkerPool(handler, PoolOptions(size=size, capacity=capacity, retry=retry))
+    actor = ActorPool(
+        actor_handler or handler, ActorPoolOptions(size=size, capacity=capacity, retry=retry)
+    )
     return PoolSwitch(keyed, actor, mode=mode, rollout_percent=rollout_percent)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,46 @@ def test_start_fails_clearly_when_port_is_taken(tmp_path: Path) -> None:
             second.start()
         second.stop()
         assert first.running
+
+
+@pytest.fixture
+def own_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary directory where a broker without ``log_path`` writes its log."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_its_own_log_is_removed_on_a_clean_stop_and_kept_when_asked(own_tmp: Path) -> None:
+    with EmbeddedBroker() as b:
+        log = b.log_path
+        assert log.parent == own_tmp
+        assert log.exists()
+    assert not log.exists()
+    kept = EmbeddedBroker().start()
+    kept.stop(keep_log=True)
+    assert kept.log_path.exists()
+
+
+def test_its_own_log_is_kept_when_the_broker_died(own_tmp: Path) -> None:
+    b = EmbeddedBroker().start()
+    b.process.kill()
+    b.process.wait(5)
+    b.stop()
+    assert b.log_path.exists()
+
+
+def test_a_broker_that_does_not_start_names_its_log_and_keeps_it(own_tmp: Path) -> None:
+    fake = own_tmp / "fake-tansu"
+    fake.write_text("#!/bin/sh\necho 'tansu: boom' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    b = EmbeddedBroker(binary=str(fake), start_timeout=3.0)
+    with pytest.raises(BrokerError) as info:
+        b.start()
+    (log,) = own_tmp.glob("tansu-*.log")
+    assert (
+        str(info.value) == f"embedded broker failed to start: exited with code 3 (its log: {log})"
+    )
+    assert info.value.log_path == log
+    assert "tansu: boom" in info.value.log_tail
+    b.stop()
+    assert log.exists()

@@ -342,3 +342,17 @@ def test_fetch_max_wait_is_settable_and_bounded() -> None:
     assert error_of(["--set", "kafka.consumer.fetchMaxWaitMs=-1"]).startswith(
         "eventbus.kafka.consumer.fetchMaxWaitMs:"
     )
+
+
+def test_metrics_per_executor_is_off_by_default_and_set_by_yaml_env_and_flag(
+    tmp_path: Path,
+) -> None:
+    assert load_settings([], {}).metrics.per_executor is False
+    path = write(tmp_path, "eventbus:\n  metrics:\n    perExecutor: true\n")
+    assert load_settings(["--config", path], {}).metrics.per_executor is True
+    env = {"EVENTBUS__METRICS__PEREXECUTOR": "true"}
+    assert load_settings([], env).metrics.per_executor is True
+    assert load_settings(["--set", "metrics.perExecutor=false"], env).metrics.per_executor is False
+    assert error_of(["--set", "metrics.perExecutor=maybe"]) == (
+        "eventbus.metrics.perExecutor: must be true or false (got 'maybe')"
+    )

@@ -18,18 +18,25 @@ from aiokafka import TopicPartition
 
 from pool import (
     ActorPool,
+    ActorPoolOptions,
     DeadLetter,
     DeadLetterReason,
     KeyedWorkerPool,
     Message,
     NonRetryableError,
     PoolMode,
+    PoolOptions,
     PoolSwitch,
     QueueFullError,
     RetryPolicy,
 )
 from server._broker import EmbeddedBroker
-from server._consumer import ConsumerOptions, EventConsumer
+from server._consumer import (
+    DLQ_RETRY,
+    ConsumerOptions,
+    EventConsumer,
+    publish_until_acknowledged,
+)
 from tests.conftest import MakeTopic
 from tests.helpers import assert_eventually
 from tests.server.kafka_utils import aggregate_events, committed_offsets, produce
@@ -121,8 +128,8 @@ async def _running(
     **options: Any,
 ) -> AsyncIterator[tuple[EventConsumer, PoolSwitch]]:
     retry = RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.002)
-    keyed = KeyedWorkerPool(handler, size=size, queue_size=queue, retry=retry)
-    actor = ActorPool(handler, size=size, inbox_size=queue, retry=retry)
+    keyed = KeyedWorkerPool(handler, PoolOptions(size=size, capacity=queue, retry=retry))
+    actor = ActorPool(handler, ActorPoolOptions(size=size, capacity=queue, retry=retry))
     switch = PoolSwitch(keyed, actor, mode=PoolMode.KEYED)
     opts = ConsumerOptions(
         bootstrap_servers=broker.bootstrap,
@@ -234,7 +241,7 @@ async def test_full_queue_pauses_only_its_partition_and_drops_nothing(
         # Partition 1 keeps flowing while partition 0 waits (aggregates away from 'slow').
         # (Aggregates that share the slow one's executor would wait behind it: by
         # design, so the other partition's traffic avoids that executor.)
-        probe = KeyedWorkerPool(rec, size=4)
+        probe = KeyedWorkerPool(rec, PoolOptions(size=4))
         slow_index = probe.executor_for("slow")
         names = [f"other-{i}" for i in range(300) if probe.executor_for(f"other-{i}") != slow_index]
         others = [
@@ -270,7 +277,12 @@ async def test_dead_letter_offset_finishes_only_after_the_sink_acknowledges(
     sink = MemorySink(down=True)
     rec = Recorder()
     async with running(
-        broker, topic, rec, group=f"{topic}-g", sink=sink, dlq_retry_backoff_s=0.2
+        broker,
+        topic,
+        rec,
+        group=f"{topic}-g",
+        sink=sink,
+        dlq_retry=RetryPolicy(initial_backoff=0.2, max_backoff=0.4),
     ) as (consumer, _):
         await assert_eventually(lambda: rec.count == 2)
         await assert_eventually(lambda: sink.attempts >= 4)
@@ -283,6 +295,34 @@ async def test_dead_letter_offset_finishes_only_after_the_sink_acknowledges(
         await assert_eventually(lambda: consumer.partition_status()[0].committed == 4)
     reasons = sorted(str(d.reason) for d in sink.published)
     assert reasons == ["missing-aggregate-id", "non-retryable"]
+
+
+async def test_a_failing_dead_letter_publish_is_retried_with_growing_backoff() -> None:
+    # Pure: the publish fails five times, then succeeds; the sleeps are recorded.
+    dead = JsonDecoder().decode("t", 0, 7, None, b"{}", (), 0)
+    assert isinstance(dead, DeadLetter)
+    sink = MemorySink(down=True)
+    slept: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+        if len(slept) == 5:
+            sink.down = False
+
+    retry = RetryPolicy(initial_backoff=0.5, max_backoff=5.0, multiplier=2.0, jitter=0.2)
+    failures = await publish_until_acknowledged(
+        sink.publish, dead, retry, rand=lambda: 0.5, sleep=sleep
+    )
+    assert failures == 5
+    assert sink.attempts == 6
+    assert sink.published == [dead]
+    assert slept == [0.5, 1.0, 2.0, 4.0, 5.0]  # doubling, capped; rand 0.5 = no jitter
+    # rand 0.0: each delay at the bottom of its +-20 % jitter.
+    slept.clear()
+    sink.down, sink.attempts = True, 0
+    await publish_until_acknowledged(sink.publish, dead, retry, rand=lambda: 0.0, sleep=sleep)
+    assert slept == pytest.approx([0.4, 0.8, 1.6, 3.2, 4.0])
+    assert DLQ_RETRY.backoff(1, 0.5) == 0.5  # the consumer's default starts as before
 
 
 async def test_in_flight_never_exceeds_the_bound(
@@ -373,7 +413,9 @@ async def test_redeliveries_after_a_rebalance_are_counted_and_nothing_is_lost(
         await assert_eventually(lambda: a.partition_status()[0].committed == 2)
         # B joins with intake held (it never fetches), then leaves: the partition
         # comes back to A from the committed offset 2, below what A dispatched.
-        b_switch = PoolSwitch(KeyedWorkerPool(rec, size=4), ActorPool(rec, size=4))
+        b_switch = PoolSwitch(
+            KeyedWorkerPool(rec, PoolOptions(size=4)), ActorPool(rec, ActorPoolOptions(size=4))
+        )
         b = EventConsumer(
             ConsumerOptions(
                 bootstrap_servers=broker.bootstrap, group_id=group, topics=(topic,),

@@ -25,12 +25,14 @@ from server._grpc import (
 )
 from server._handlers import HandlerLoadError
 from server._intake import IntakeError, OversizedValueError
+from server._service import ServiceStartError
 
 #: Every error class of server/, with the built-in it has always been as well.
 ERRORS: list[tuple[type[Exception], type[Exception]]] = [
     (ConfigError, ValueError),
     (GrpcConfigError, ValueError),
     (BrokerError, RuntimeError),
+    (ServiceStartError, RuntimeError),
     (HandlerLoadError, ImportError),
     (IntakeError, Exception),
     (OversizedValueError, IntakeError),
@@ -58,7 +60,7 @@ def test_every_service_error_derives_from_the_root_and_keeps_its_old_base(
 
 def test_only_what_may_succeed_later_is_retriable() -> None:
     retriable = {e for e, _ in ERRORS if e.retriable}  # type: ignore[attr-defined]
-    assert retriable == {NotReadyError, DrainIncompleteError}
+    assert retriable == {NotReadyError, DrainIncompleteError, ServiceStartError}
 
 
 def test_the_root_is_exported_by_the_package() -> None:

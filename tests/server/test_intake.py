@@ -1,4 +1,4 @@
-"""Intake: records become messages or intake dead letters, by DESIGN.md's rules."""
+"""Intake: records become messages or intake dead letters, by docs/intake-and-config.md."""
 
 from __future__ import annotations
 

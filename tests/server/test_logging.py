@@ -153,6 +153,35 @@ def test_exceptions_are_structured_in_json() -> None:
     assert exc["exc_value"] == "kaput"
 
 
+def _log_a_failure_with_a_secret_local() -> None:
+    token = "s3cret-admin-token"
+    try:
+        raise RuntimeError(f"kaput after {len(token)} characters")
+    except RuntimeError:
+        structlog.get_logger().exception("handler.crashed")
+
+
+def test_json_tracebacks_carry_no_frame_locals() -> None:
+    out = io.StringIO()
+    configure_logging("info", json=True, stream=out)
+    _log_a_failure_with_a_secret_local()
+    (line,) = _lines(out)
+    (exc,) = line["exception"]
+    assert exc["frames"]
+    assert [frame for frame in exc["frames"] if "locals" in frame] == []
+    assert "s3cret" not in out.getvalue()
+
+
+def test_console_tracebacks_are_plain_without_locals() -> None:
+    out = _Tty()
+    configure_logging("info", json=False, stream=out)
+    _log_a_failure_with_a_secret_local()
+    text = out.getvalue()
+    assert "Traceback (most recent call last):" in text
+    assert "RuntimeError: kaput after 18 characters" in text
+    assert "s3cret" not in text
+
+
 def test_auto_mode_is_json_off_a_terminal_and_console_on_one() -> None:
     pipe = io.StringIO()
     configure_logging("info", stream=pipe)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 
@@ -26,3 +27,7 @@ def test_importing_the_package_does_not_import_kafka_or_grpc() -> None:
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_version_is_the_installed_package_metadata() -> None:
+    assert server.version() == metadata.version("kafka-actor-pool")

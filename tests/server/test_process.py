@@ -244,8 +244,11 @@ async def test_sigterm_finishes_in_flight_events_commits_and_exits_0(
 
 
 def test_embedded_demo_run_prints_where_things_are_and_serves_metrics(tmp_path: Path) -> None:
-    """What ``make run`` does, with free ports: embedded broker, demo traffic."""
+    """What ``make run`` does, with free ports: embedded broker, demo traffic. A clean
+    stop leaves no broker log behind in the temporary directory."""
     out, err = tmp_path / "run.out", tmp_path / "run.err"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     cmd = [
         sys.executable, "-m", "server", "--embedded", "--demo",
         "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
@@ -254,9 +257,12 @@ def test_embedded_demo_run_prints_where_things_are_and_serves_metrics(tmp_path: 
         "--set", "demo.rate=500",
     ]  # fmt: skip
     with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen(cmd, stdout=o, stderr=e, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=o, stderr=e, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)}
+        )
     try:
         asyncio.run(assert_eventually(lambda: "look at it:" in out.read_text(), timeout=20))
+        assert list(tmp.glob("tansu-*.log")), "the broker writes its log there while it runs"
         banner = out.read_text()
         for needle in ("embedded Tansu", "gRPC", "poolctl", "topics     events", "demo"):
             assert needle in banner, needle
@@ -281,3 +287,4 @@ def test_embedded_demo_run_prints_where_things_are_and_serves_metrics(tmp_path: 
             proc.kill()
             proc.wait(10)
     assert '"broker.stopped"' in err.read_text()
+    assert list(tmp.glob("tansu-*.log")) == []

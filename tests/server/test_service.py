@@ -11,6 +11,7 @@ import socket
 import time
 import urllib.request
 from collections import defaultdict
+from importlib import metadata
 from typing import Any
 
 import pytest
@@ -298,3 +299,51 @@ async def test_a_dead_letter_redriven_by_id_is_handled_and_committed(
         await assert_eventually(lambda: svc.status().partitions[0].committed == 2)
         assert svc.select_dead_letters(DeadLetterFilter()) == []
         assert seen == []
+
+
+async def test_wait_raises_a_consumer_failure_as_it_happens_and_returns_on_stop(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=1)
+    settings = service_settings(broker.bootstrap, topic, f"{topic}-g")
+    async with Service(
+        settings, bootstrap_servers=broker.bootstrap, handler=MemoryRecorder(), grpc=False
+    ) as svc:
+        assert svc.status().version == metadata.version("kafka-actor-pool")
+        waiter = asyncio.ensure_future(svc.wait())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiter.done()
+        boom = RuntimeError("fetch loop broke")
+
+        async def fail() -> None:
+            raise boom
+
+        # A consumer task failing, as the fetch loop would.
+        svc.consumer._spawn(fail(), "test.failure")
+        # Woken by the failure itself within a few loop turns, not by a poll.
+        for _ in range(50):
+            if waiter.done():
+                break
+            await asyncio.sleep(0)
+        assert waiter.done()
+        assert waiter.exception() is boom
+        with pytest.raises(RuntimeError, match="fetch loop broke"):
+            await svc.wait()  # already failed: at once
+    await asyncio.wait_for(svc.wait(), 1)  # stopped: returns
+
+
+async def test_wait_returns_when_the_service_stops(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=1)
+    settings = service_settings(broker.bootstrap, topic, f"{topic}-g")
+    svc = Service(
+        settings, bootstrap_servers=broker.bootstrap, handler=MemoryRecorder(), grpc=False
+    )
+    async with svc:
+        waiter = asyncio.ensure_future(svc.wait())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+    await asyncio.wait_for(waiter, 1)
+    assert waiter.result() is None

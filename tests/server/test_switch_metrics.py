@@ -10,7 +10,15 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pool import ActorPool, KeyedWorkerPool, Message, PoolMode, PoolSwitch
+from pool import (
+    ActorPool,
+    ActorPoolOptions,
+    KeyedWorkerPool,
+    Message,
+    PoolMode,
+    PoolOptions,
+    PoolSwitch,
+)
 from server._switch_metrics import SWITCH_METRICS, SwitchMetrics
 from tests.helpers import assert_eventually
 
@@ -53,8 +61,8 @@ async def gate() -> _Gate:
 @pytest.fixture
 async def switch(gate: _Gate) -> AsyncIterator[PoolSwitch]:
     sw = PoolSwitch(
-        KeyedWorkerPool(gate, size=4, queue_size=10),
-        ActorPool(gate, size=4, inbox_size=10),
+        KeyedWorkerPool(gate, PoolOptions(size=4, capacity=10)),
+        ActorPool(gate, ActorPoolOptions(size=4, capacity=10)),
         mode=PoolMode.KEYED,
         rollout_percent=100.0,
     )
