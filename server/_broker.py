@@ -30,6 +30,8 @@ import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from server._errors import ServiceError
+
 log = structlog.get_logger(__name__)
 
 __all__ = [
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-class BrokerError(RuntimeError):
+class BrokerError(ServiceError, RuntimeError):
     """The embedded broker could not be started (or died while starting), or a
     topic could not be created on it. ``log_path`` is the broker's log when there
     is one (kept for reading), ``log_tail`` its last lines at the failure."""
