@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.campaigns.bad_input import RawName, python_record_builder
 from server._broker import EmbeddedBroker
 from server._records import LenientMemoryRecords, install
 from server._service import Service
@@ -15,6 +14,7 @@ from tests.helpers import assert_eventually
 from tests.server.kafka_utils import envelope
 from tests.server.recording_handler import MemoryRecorder
 from tests.server.test_service import service_settings
+from tests.support.kafka import RawName, python_record_builder
 
 
 async def _produce_batch(bootstrap: str, topic: str, bad_at: set[int], count: int) -> None:
