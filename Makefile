@@ -33,7 +33,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy pool server clients
+	$(BIN)/mypy pool server clients tests bench
 
 ## Regenerate the committed protobuf / gRPC code (and typed stubs).
 protos: $(STAMP)

@@ -441,9 +441,9 @@ async def _run_policy(
     dead = await read_dead_letters(env.bootstrap, dlq, dead_expected, timeout=15)
     got_dead: dict[int, list[str]] = {}
     for r in dead:
-        h = {k: v.decode("utf-8", "replace") for k, v in r.headers}
-        got_dead.setdefault(int(h.get("dlq-original-offset", -1)), []).append(
-            h.get("dlq-reason", "?")
+        headers = {k: v.decode("utf-8", "replace") for k, v in r.headers}
+        got_dead.setdefault(int(headers.get("dlq-original-offset", -1)), []).append(
+            headers.get("dlq-reason", "?")
         )
     handled: dict[int, list[str]] = {}
     for h in read_records(svc.record):

@@ -4,6 +4,8 @@ made every fetch of its partition fail and the service exit."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from server._broker import EmbeddedBroker
@@ -45,7 +47,7 @@ async def test_a_plain_consumer_reads_through_a_bad_header_name(
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, 0)])
-        got = []
+        got: list[Any] = []  # aiokafka ConsumerRecords
         while len(got) < 10:
             for records in (await consumer.getmany(timeout_ms=2000)).values():
                 got.extend(records)
