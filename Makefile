@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test lint fmt typecheck protos protos-check bench bench-e2e reliability rules-check image check clean
+.PHONY: venv run test test-fast lint fmt typecheck protos protos-check bench bench-e2e reliability rules-check image check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,15 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pool-server --embedded --demo $(ARGS)
 
-## Install what is needed (venv, Debian's prometheus for the deploy tests) and run the tests.
+## Install what is needed (venv; Debian's prometheus for the deploy tests, when that
+## needs no password prompt, else those tests are skipped) and run every test.
 test: $(STAMP)
 	bash scripts/ensure_system_deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The quick lane: no service processes, no Prometheus server, no campaigns.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not process and not campaign" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -56,7 +61,7 @@ reliability: $(STAMP)
 
 ## promtool checks and unit tests of the alert and recording rules.
 rules-check: $(STAMP)
-	bash scripts/ensure_system_deps.sh
+	bash scripts/ensure_system_deps.sh --require
 	promtool check rules deploy/prometheus/rules.yml
 	promtool test rules deploy/prometheus/rules_test.yml
 
