@@ -4,7 +4,8 @@ With ``--embedded`` (or no brokers configured) the embedded Tansu broker is
 started on loopback and the configured topics (and their dead-letter topics)
 are created on it; with ``--demo`` a demo producer feeds them. SIGTERM and
 SIGINT stop it gracefully (see :mod:`server._service`); exit status 0 then,
-2 for a configuration error, 1 for a failure.
+2 for a configuration error (or the embedded broker wanted without the
+``embedded`` extra installed), 1 for a failure.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import prometheus_client
 import structlog
 
-from server._broker import EmbeddedBroker
+from server._broker import EMBEDDED_EXTRA_MISSING, EmbeddedBroker, embedded_broker_available
 from server._config import DEFAULT_HANDLER, ConfigError, Settings, load_settings
 from server._demo_producer import DemoProducer
 from server._logging import configure_logging
@@ -38,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
         sys.stderr.write(f"pool-server: invalid configuration:\n{exc}\n")
+        return 2
+    if settings.use_embedded_broker and not embedded_broker_available():
+        sys.stderr.write(f"pool-server: {EMBEDDED_EXTRA_MISSING}\n")
         return 2
     fmt = settings.log.format
     configure_logging(settings.log.level, None if fmt == "auto" else fmt == "json")
