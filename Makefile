@@ -101,8 +101,10 @@ rules-check: $(STAMP)
 	promtool check rules deploy/prometheus/rules.yml
 	promtool test rules deploy/prometheus/rules_test.yml
 
+## The production image; `make image EXTRAS=embedded` adds the embedded broker (for --demo).
+EXTRAS ?=
 image:
-	docker build -t pool-server .
+	docker build --build-arg EXTRAS=$(EXTRAS) -t pool-server$(if $(EXTRAS),:$(EXTRAS)) .
 
 check: lint typecheck protos-check lock-check test
 
