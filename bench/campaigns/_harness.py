@@ -44,6 +44,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from clients import AsyncPoolControlClient
 from server._broker import EmbeddedBroker
+from tests.support.kafka import committed_offsets
 
 __all__ = [
     "ROOT",
@@ -270,20 +271,6 @@ def _topic_record(r: Any, parse: bool) -> TopicRecord:
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return TopicRecord(r.partition, r.offset, "", -1, "unparseable", headers)
-
-
-async def committed_offsets(
-    bootstrap: str, group_id: str, topic: str, partitions: int
-) -> dict[int, int | None]:
-    """What ``group_id`` has committed on each partition (read through a consumer)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
-    finally:
-        await consumer.stop()
 
 
 def ends_of(truth: Iterable[TopicRecord], partitions: int) -> dict[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -31,7 +31,7 @@ def seconds(value: float) -> duration_pb2.Duration:
 async def read_rest(stream: Any) -> list[Any]:
     """Read a server stream to its end with ``read()`` (the API the tests started with)."""
     out = []
-    while (m := await stream.read()) is not grpc.aio.EOF:
+    while (m := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]  # not in grpc-stubs
         out.append(m)
     return out
 
@@ -129,7 +129,9 @@ async def test_concurrent_set_pool_mode_calls_are_serialised() -> None:
         finished: list[str] = []
 
         async def set_mode(name: str, mode: pb.PoolMode.ValueType) -> pb.SetPoolModeResponse:
-            reply = await h.stub.SetPoolMode(pb.SetPoolModeRequest(mode=mode, request_id=name))
+            reply: pb.SetPoolModeResponse = await h.stub.SetPoolMode(
+                pb.SetPoolModeRequest(mode=mode, request_id=name)
+            )
             finished.append(name)
             return reply
 
@@ -296,14 +298,16 @@ async def test_drain_past_its_timeout_is_deadline_exceeded_with_what_remained() 
         messages: list[pb.DrainResponse] = []
 
         async def collect() -> None:
-            while (m := await stream.read()) is not grpc.aio.EOF:
+            while (m := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 messages.append(m)
 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await collect()
         assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         assert "4 events still in flight" in (info.value.details() or "")
-        assert dict(info.value.trailing_metadata() or ())["drain-remaining"] == "4"
+        # grpc-stubs gives AioRpcError the sync API's trailing metadata type.
+        trailing = cast("grpc.aio.Metadata | None", info.value.trailing_metadata())
+        assert dict(trailing or ())["drain-remaining"] == "4"
         partial = messages[-1].result
         assert not partial.complete
         assert partial.remaining == 4
