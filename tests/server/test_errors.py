@@ -55,7 +55,7 @@ def test_every_service_error_derives_from_the_root_and_keeps_its_old_base(
 ) -> None:
     assert issubclass(error, ServiceError)
     assert issubclass(error, also)
-    assert isinstance(error.retriable, bool)  # type: ignore[attr-defined]
+    assert isinstance(error.retriable, bool)
 
 
 def test_only_what_may_succeed_later_is_retriable() -> None:
