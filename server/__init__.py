@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from server._config import ConfigError, Settings, load_settings
     from server._consumer import ConsumerOptions, EventConsumer
     from server._dlq import DeadLetterSink
+    from server._errors import ServiceError
     from server._grpc import start_grpc_server
     from server._handlers import HandlerLoadError, load_handler
     from server._intake import Decoder
@@ -39,6 +40,7 @@ _EXPORTS = {
     "OffsetTracker": "server._offsets",
     "PauseBook": "server._pauses",
     "Service": "server._service",
+    "ServiceError": "server._errors",
     "ServiceStartError": "server._service",
     "Settings": "server._config",
     "configure_logging": "server._logging",
@@ -61,6 +63,7 @@ __all__ = [
     "OffsetTracker",
     "PauseBook",
     "Service",
+    "ServiceError",
     "ServiceStartError",
     "Settings",
     "configure_logging",

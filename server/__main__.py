@@ -5,7 +5,8 @@ started on loopback and the configured topics (and their dead-letter topics)
 are created on it; with ``--demo`` a demo producer feeds them. SIGTERM and
 SIGINT stop it gracefully (see :mod:`server._service`); exit status 0 then,
 2 for a configuration error (the handler is imported and checked with the
-configuration, before anything starts), 1 for a failure.
+configuration, before anything starts; or the embedded broker wanted without
+the ``embedded`` extra installed), 1 for a failure.
 
 Expected failures — no broker answering, a port in use, the embedded broker
 not starting — end with one line naming what failed (``service.failed`` with
@@ -31,7 +32,12 @@ import structlog
 from aiokafka.errors import KafkaConnectionError
 
 from pool import Handler
-from server._broker import BrokerError, EmbeddedBroker
+from server._broker import (
+    EMBEDDED_EXTRA_MISSING,
+    BrokerError,
+    EmbeddedBroker,
+    embedded_broker_available,
+)
 from server._config import DEFAULT_HANDLER, ConfigError, Settings, load_settings
 from server._demo_producer import DemoProducer
 from server._grpc import GrpcConfigError
@@ -53,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"pool-server: invalid configuration: {exc}\n")
         else:
             sys.stderr.write(f"pool-server: invalid configuration:\n{exc}\n")
+        return 2
+    if settings.use_embedded_broker and not embedded_broker_available():
+        sys.stderr.write(f"pool-server: {EMBEDDED_EXTRA_MISSING}\n")
         return 2
     fmt = settings.log.format
     configure_logging(settings.log.level, None if fmt == "auto" else fmt == "json")

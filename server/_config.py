@@ -42,6 +42,7 @@ from pydantic import model_validator as _model_validator
 from pydantic.alias_generators import to_camel
 
 from pool import PoolMode
+from server._errors import ServiceError
 from server._version import version
 
 __all__ = [
@@ -70,7 +71,7 @@ _TRUE = frozenset({"true", "1", "yes", "on", "y", "t"})
 _FALSE = frozenset({"false", "0", "no", "off", "n", "f"})
 
 
-class ConfigError(ValueError):
+class ConfigError(ServiceError, ValueError):
     """The configuration is invalid. ``errors`` lists ``(key_path, message)``."""
 
     def __init__(self, errors: Sequence[tuple[str, str]]) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
 from pool import DeadLetter, Pool, PoolMode
+from server._errors import ServiceError
 
 #: ``(topic, partition)``; ``aiokafka.TopicPartition`` fits.
 Partition: TypeAlias = tuple[str, int]
@@ -28,12 +29,14 @@ Partition: TypeAlias = tuple[str, int]
 # --------------------------------------------------------------------- errors
 
 
-class ControlError(Exception):
+class ControlError(ServiceError):
     """Root of the errors a :class:`ControlTarget` raises to the control plane."""
 
 
 class NotReadyError(ControlError):
     """The service is starting or stopping and cannot do this now (``UNAVAILABLE``)."""
+
+    retriable = True
 
 
 class UnknownPartitionError(ControlError):
@@ -54,15 +57,22 @@ class PreconditionError(ControlError):
 
 class ConflictError(ControlError):
     """A concurrent change won the race (``ABORTED``): a fleet write whose
-    generation another write took first, by the control topic's order."""
+    generation another write took first, by the control topic's order.
+
+    Not retriable as it stands: with its ``expected_generation`` the same call
+    now finds the fleet at another generation. The caller reads the fleet's
+    state again and decides afresh (gRPC's "retry at a higher level")."""
 
 
 class DrainIncompleteError(ControlError):
     """``drain`` ran out of time (``DEADLINE_EXCEEDED``).
 
     ``result`` says what was finished and committed before the deadline and
-    what remained (``result.remaining > 0``).
+    what remained (``result.remaining > 0``). Retriable: a later drain may
+    finish once the handlers caught up.
     """
+
+    retriable = True
 
     def __init__(self, result: DrainResult, timeout: float) -> None:
         super().__init__(

@@ -10,9 +10,14 @@ stream them to subscribers, and redrive them to their original topic.
   increasing in acknowledgement order (by default it starts at the start-up
   time in milliseconds x 1000, so IDs keep increasing across restarts).
 - The ring keeps the newest ``ring_size`` dead letters in memory.
+- :meth:`add_listener` calls a callback for every new dead letter; it is the
+  one fan-out, which the gRPC dead-letter stream uses too (through the
+  service's ``subscribe_dead_letters``).
 - :meth:`subscribe` yields the backlog after an ID, then live records, through
-  a bounded per-subscriber buffer: a slow reader loses the oldest buffered
-  records (counted in ``skipped``), it never slows publishing.
+  a bounded per-subscriber buffer (a
+  :class:`~server._dlq_subscription.DeadLetterSubscription` over the
+  listeners): a slow reader loses the oldest buffered records (counted in
+  ``skipped``), it never slows publishing.
 - :meth:`redrive` republishes original key/value/headers to the original
   topic and forgets the republished dead letters.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
@@ -33,6 +38,8 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
 from pool import DeadLetter
 from server._control import DeadLetterFilter, RedriveResult
+from server._dlq_subscription import DeadLetterListener, DeadLetterSubscription
+from server._errors import ServiceError
 from server._logging import event_fields
 
 log = structlog.get_logger("server.dlq")
@@ -71,8 +78,12 @@ ERROR_MESSAGE_LIMIT: Final = 1024
 TRACEBACK_LIMIT: Final = 4096
 
 
-class DeadLetterSinkError(Exception):
+class DeadLetterSinkError(ServiceError):
     """The sink is not started, or is closed."""
+
+
+def _nothing() -> None:
+    pass
 
 
 def _truncate_head(text: str, limit: int) -> bytes:
@@ -110,85 +121,6 @@ def dead_letter_headers(dead: DeadLetter) -> list[tuple[str, bytes]]:
     ]
 
 
-class DeadLetterSubscription:
-    """An async iterator over dead letters: a backlog, then (with ``follow``) live ones.
-
-    ``skipped`` counts live dead letters this subscriber lost because its
-    buffer was full (the oldest buffered ones are dropped). Iteration ends
-    when :meth:`close` is called or the sink closes. Use ``async with`` or
-    call :meth:`close` to unsubscribe.
-    """
-
-    def __init__(
-        self,
-        sink: DeadLetterSink,
-        backlog: list[DeadLetter],
-        matches: Callable[[DeadLetter], bool],
-        *,
-        follow: bool,
-        buffer: int,
-    ) -> None:
-        self._sink = sink
-        self._backlog = deque(backlog)
-        self._matches = matches
-        self._follow = follow
-        self._buffer: deque[DeadLetter] = deque()
-        self._capacity = buffer
-        self._wakeup = asyncio.Event()
-        self._closed = not follow
-        self.skipped = 0
-        self.delivered = 0
-
-    @property
-    def pending(self) -> int:
-        """Dead letters waiting to be read (backlog + buffer)."""
-        return len(self._backlog) + len(self._buffer)
-
-    def _push(self, dead: DeadLetter) -> None:
-        """Called by the sink for every new dead letter; never blocks."""
-        if self._closed or not self._matches(dead):
-            return
-        if len(self._buffer) >= self._capacity:
-            self._buffer.popleft()
-            self.skipped += 1
-        self._buffer.append(dead)
-        self._wakeup.set()
-
-    def close(self) -> None:
-        """Stop receiving; iteration ends after what is already buffered. Idempotent."""
-        if self._follow:
-            self._sink._unsubscribe(self)
-        self._closed = True
-        self._wakeup.set()
-
-    def __aiter__(self) -> DeadLetterSubscription:
-        return self
-
-    async def __anext__(self) -> DeadLetter:
-        while True:
-            if self._backlog:
-                self.delivered += 1
-                return self._backlog.popleft()
-            if self._buffer:
-                self.delivered += 1
-                return self._buffer.popleft()
-            if self._closed:
-                raise StopAsyncIteration
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    async def __aenter__(self) -> DeadLetterSubscription:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
 class DeadLetterSink:
     """Publishes dead letters to the dead-letter topic and keeps the recent ones.
 
@@ -223,8 +155,8 @@ class DeadLetterSink:
         self.topic_template = topic_template
         self.ring_size = ring_size
         self._ring: OrderedDict[str, DeadLetter] = OrderedDict()
-        self._subscribers: set[DeadLetterSubscription] = set()
-        self._listeners: dict[int, Callable[[DeadLetter], None]] = {}
+        #: key -> (callback, on_close): the one fan-out of new dead letters.
+        self._listeners: dict[int, tuple[DeadLetterListener, Callable[[], None] | None]] = {}
         self._listener_ids = 0
         self._clock = clock
         self._next_id = id_base if id_base is not None else int(clock() * 1000) * 1000
@@ -273,9 +205,11 @@ class DeadLetterSink:
         if self._closed:
             return
         self._closed = True
-        for sub in list(self._subscribers):
-            sub.close()
+        listeners = list(self._listeners.values())
         self._listeners.clear()
+        for _, on_close in listeners:
+            if on_close is not None:
+                on_close()
         if self._owns_producer and self._producer is not None:
             await self._producer.stop()
 
@@ -376,9 +310,7 @@ class DeadLetterSink:
         while len(self._ring) > self.ring_size:
             self._ring.popitem(last=False)
         self.published += 1
-        for sub in list(self._subscribers):
-            sub._push(recorded)
-        for listener in list(self._listeners.values()):
+        for listener, _ in list(self._listeners.values()):
             try:
                 listener(recorded)
             except Exception:
@@ -433,8 +365,6 @@ class DeadLetterSink:
         memory when ``None``) matching the filters, then, with ``follow``, new
         ones as they are published. Raises ``ValueError`` for a non-numeric
         ``after_id`` or ``buffer < 1``."""
-        if buffer < 1:
-            raise ValueError(f"buffer must be >= 1, got {buffer}")
         after = -1
         if after_id:
             try:
@@ -447,29 +377,32 @@ class DeadLetterSink:
             error_type=error_type or "",
             reason=reason or "",
         )
-        backlog = [d for d in self._ring.values() if int(d.id) > after and flt.matches(d)]
-        sub = DeadLetterSubscription(self, backlog, flt.matches, follow=follow, buffer=buffer)
-        if follow:
-            if self._closed:
-                sub.close()
-            else:
-                self._subscribers.add(sub)
-        return sub
-
-    def _unsubscribe(self, sub: DeadLetterSubscription) -> None:
-        self._subscribers.discard(sub)
+        return DeadLetterSubscription.open(
+            lambda: [d for d in self._ring.values() if int(d.id) > after and flt.matches(d)],
+            (lambda sub: self.add_listener(sub.push, on_close=sub.close)) if follow else None,
+            flt.matches,
+            buffer=buffer,
+        )
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscribers)
+        """Listeners and following subscriptions registered now."""
+        return len(self._listeners)
 
-    def add_listener(self, callback: Callable[[DeadLetter], None]) -> Callable[[], None]:
+    def add_listener(
+        self, callback: DeadLetterListener, *, on_close: Callable[[], None] | None = None
+    ) -> Callable[[], None]:
         """Call ``callback`` synchronously for every dead letter recorded from now on
-        (it must not block; exceptions are logged). Returns an idempotent
+        (it must not block; exceptions are logged), and ``on_close`` when the
+        sink stops (at once when it is stopped already). Returns an idempotent
         unsubscribe function."""
+        if self._closed:
+            if on_close is not None:
+                on_close()
+            return _nothing
         self._listener_ids += 1
         key = self._listener_ids
-        self._listeners[key] = callback
+        self._listeners[key] = (callback, on_close)
 
         def unsubscribe() -> None:
             self._listeners.pop(key, None)

@@ -44,6 +44,7 @@ from google.protobuf.message import DecodeError
 
 from pool import PoolMode
 from server._control import ConflictError, NotReadyError, Partition, PreconditionError
+from server._errors import ServiceError
 from server._fleet_state import (
     ApplyWatch,
     Change,
@@ -709,8 +710,10 @@ async def ensure_control_topic(
         await admin.close()
 
 
-class FleetTopicError(RuntimeError):
-    """The control topic is missing, unreadable or misconfigured."""
+class FleetTopicError(ServiceError, RuntimeError):
+    """The control topic is missing, unreadable or misconfigured. Not
+    retriable (a topic with several partitions stays so); the replica runs
+    degraded and tries the topic again anyway, in case an operator fixes it."""
 
 
 def _describe(exc: BaseException) -> str:

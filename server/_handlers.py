@@ -7,11 +7,12 @@ import inspect
 from typing import Any, cast
 
 from pool import Handler
+from server._errors import ServiceError
 
 __all__ = ["HandlerLoadError", "load_handler"]
 
 
-class HandlerLoadError(ImportError):
+class HandlerLoadError(ServiceError, ImportError):
     """The configured handler cannot be used. ``path`` is the import path, ``problem``
     one of ``"syntax"``, ``"module-not-found"``, ``"import-failed"``,
     ``"attribute-missing"``, ``"not-callable"``, ``"bad-signature"``."""

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from pool import DeadLetter, DeadLetterReason, Message
+from server._errors import ServiceError
 
 __all__ = [
     "AGGREGATE_ID_HEADERS",
@@ -85,7 +86,7 @@ _LBRACE: Final = ord("{")
 MissingIdPolicy = Literal["route-by-offset", "dead-letter"]
 
 
-class IntakeError(Exception):
+class IntakeError(ServiceError):
     """Root of the reasons intake rejects a record (used as the dead letter's error type)."""
 
     reason: DeadLetterReason

@@ -67,6 +67,7 @@ from server._control import (
     UnknownPartitionError,
 )
 from server._dlq import DeadLetterSink
+from server._errors import ServiceError
 from server._fleet import FleetControl
 from server._fleet_metrics import FleetMetrics
 from server._fleet_service import build_fleet
@@ -79,10 +80,13 @@ from server._version import version
 log = structlog.get_logger("server.service")
 
 
-class ServiceStartError(RuntimeError):
+class ServiceStartError(ServiceError, RuntimeError):
     """The service could not start for an operational reason — no Kafka broker
     answered, the ``/metrics`` port is taken — rather than a bug. The message
-    names what failed and where, in one line; the cause is chained."""
+    names what failed and where, in one line; the cause is chained. Retriable:
+    a later start may find the broker up and the port free."""
+
+    retriable = True
 
 
 @dataclass(frozen=True, slots=True)

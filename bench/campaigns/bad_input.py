@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from bench.campaigns._harness import (
     result,
     wait_for,
 )
+from tests.support.kafka import RawName, python_record_builder
 
 NAME = "bad_input"
 DESCRIPTION = "a corpus of malformed records and random ones: each gets its defined outcome"
@@ -331,38 +332,6 @@ def random_cases(count: int, seed_: int) -> list[Case]:
 # ----------------------------------------------------------------- producing
 
 
-class RawName(str):
-    """A header name whose wire bytes are not UTF-8 (no Python producer can send
-    one otherwise; Java and librdkafka clients can)."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawName:
-        obj = super().__new__(cls, raw.decode("latin-1"))
-        obj.raw = raw
-        return obj
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:  # type: ignore[override]
-        return self.raw
-
-
-@contextlib.contextmanager
-def python_record_builder() -> Iterator[None]:
-    """Use aiokafka's pure-Python batch builder (it calls ``name.encode()``)."""
-    import aiokafka.producer.message_accumulator as accumulator
-    import aiokafka.producer.producer as producer_mod
-    from aiokafka.record import default_records
-
-    py = default_records._DefaultRecordBatchBuilderPy
-    saved = accumulator.DefaultRecordBatchBuilder, producer_mod.DefaultRecordBatchBuilder
-    accumulator.DefaultRecordBatchBuilder = py  # type: ignore[misc]
-    producer_mod.DefaultRecordBatchBuilder = py  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        accumulator.DefaultRecordBatchBuilder, producer_mod.DefaultRecordBatchBuilder = saved  # type: ignore[misc]
-
-
 async def produce_cases(bootstrap: str, topic: str, cases: Sequence[Case]) -> list[int]:
     """Send every case to partition 0, in order; returns their offsets."""
     raw = any(c.raw_header_names for c in cases)
@@ -472,9 +441,9 @@ async def _run_policy(
     dead = await read_dead_letters(env.bootstrap, dlq, dead_expected, timeout=15)
     got_dead: dict[int, list[str]] = {}
     for r in dead:
-        h = {k: v.decode("utf-8", "replace") for k, v in r.headers}
-        got_dead.setdefault(int(h.get("dlq-original-offset", -1)), []).append(
-            h.get("dlq-reason", "?")
+        headers = {k: v.decode("utf-8", "replace") for k, v in r.headers}
+        got_dead.setdefault(int(headers.get("dlq-original-offset", -1)), []).append(
+            headers.get("dlq-reason", "?")
         )
     handled: dict[int, list[str]] = {}
     for h in read_records(svc.record):

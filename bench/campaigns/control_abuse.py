@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -103,8 +103,8 @@ def _audited_request_ids(log: str) -> set[str]:
     return out
 
 
-def _meta(token: str | None) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")] if token else []
+def _meta(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 # ------------------------------------------------------------------ fuzzing
@@ -134,7 +134,7 @@ def request_strategies(topic: str) -> dict[str, Any]:
         return d
 
     @st.composite
-    def short_duration(draw: Any) -> duration_pb2.Duration | None:
+    def short_duration(draw: st.DrawFn) -> duration_pb2.Duration | None:
         # Drain timeouts: mostly invalid or short (a valid long one would hold the call).
         d = draw(duration())
         if d is not None and 0.5 < d.seconds + d.nanos / 1e9 <= 3600:
@@ -283,7 +283,7 @@ def _short(request: Any) -> str:
 
 def token_checks(address: str) -> dict[str, Any]:
     """Every RPC without a token, with a wrong one, malformed metadata, and the read token."""
-    cases: list[tuple[str, list[tuple[str, str]], grpc.StatusCode | None]] = []
+    cases: list[tuple[str, Sequence[tuple[str, str]], grpc.StatusCode | None]] = []
     bad_metadata = [
         ("none", []),
         ("wrong", _meta("nope")),
@@ -427,7 +427,7 @@ async def _followers(address: str, n: int, token: str) -> AsyncIterator[Counter[
             r.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         for ch in channels:
-            await ch.close()
+            await ch.close(grace=None)
 
 
 async def _follow_streams(address: str, n: int, token: str) -> None:
@@ -579,7 +579,7 @@ async def never_reader(
                             break
         finally:
             stream.cancel()
-            await channel.close()
+            await channel.close(grace=None)
     return {
         "rounds": rounds,
         "dead_letters_per_batch": events // 10,

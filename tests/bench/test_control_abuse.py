@@ -89,8 +89,10 @@ async def test_a_stream_never_read_skips_and_says_so_without_slowing_processing(
         await svc.consumer.wait_assigned(10)
         assert svc.endpoints is not None
         metrics = svc.endpoints.metrics_address
+        grpc_address = svc.endpoints.grpc_address
         assert metrics is not None
-        async with grpc.aio.insecure_channel(svc.endpoints.grpc_address) as channel:
+        assert grpc_address is not None
+        async with grpc.aio.insecure_channel(grpc_address) as channel:
             stream = pb_grpc.PoolControlStub(channel).StreamDeadLetters(
                 pb.StreamDeadLettersRequest(follow=True, buffer_size=10),
                 metadata=[("authorization", f"Bearer {READ}")],

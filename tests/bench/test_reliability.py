@@ -164,7 +164,7 @@ def _f(o: int, agg: str, attempt: int, at_s: float) -> Failure:
 
 
 def test_the_restart_budget_model_escalates_crash_streaks_only() -> None:
-    timeline = [
+    timeline: list[Handled | Failure] = [
         # Three events in a row crash the actor (their retries are not charged) ...
         _f(0, "a", 1, 0.0),
         _f(0, "a", 2, 0.1),

@@ -18,7 +18,11 @@ FAST = RetryOptions(attempts=3, initial_backoff=0.01)
 
 
 class CancelsFirst(pb_grpc.PoolControlServicer):
-    """GetStatus: cancelled server-side ``cancels`` times, then answered."""
+    """GetStatus: cancelled server-side ``cancels`` times, then answered.
+
+    The other methods answer UNIMPLEMENTED (the generated base class); its
+    generated stubs call them abstract, hence the ``ignore[abstract]`` below.
+    """
 
     def __init__(self, cancels: int) -> None:
         self.cancels = cancels
@@ -41,7 +45,7 @@ async def serve(servicer: CancelsFirst) -> tuple[grpc.aio.Server, str]:
 
 @pytest.fixture
 async def once() -> AsyncIterator[tuple[CancelsFirst, str]]:
-    servicer = CancelsFirst(cancels=1)
+    servicer = CancelsFirst(cancels=1)  # type: ignore[abstract]
     server, target = await serve(servicer)
     try:
         yield servicer, target
@@ -60,7 +64,7 @@ async def test_async_client_retries_a_server_cancelled_call(
 
 
 async def test_retries_are_bounded() -> None:
-    servicer = CancelsFirst(cancels=10)
+    servicer = CancelsFirst(cancels=10)  # type: ignore[abstract]
     server, target = await serve(servicer)
     try:
         async with AsyncPoolControlClient(target, retry=FAST) as client:

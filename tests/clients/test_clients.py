@@ -156,7 +156,7 @@ async def test_sync_client_against_the_same_server() -> None:
                 after = mode_name(switched.result.mode)
                 replayed = client.set_mode("keyed", request_id="s1").replayed
                 depth = client.inbox_depth(aggregate_id="agg-1").aggregate.depth
-                events = [e.WhichOneof("event") or "" for e in client.dead_letters()]
+                events: list[str] = [e.WhichOneof("event") or "" for e in client.dead_letters()]
                 try:
                     client.drain(0.2)
                 except DeadlineError as exc:

@@ -10,7 +10,7 @@ from server._broker import EmbeddedBroker
 from tests.clients.test_poolctl import poolctl
 from tests.conftest import MakeTopic
 from tests.helpers import assert_eventually, find_free_port
-from tests.server.test_fleet import replica
+from tests.server.test_fleet import mode_of, replica
 
 
 async def test_poolctl_acts_on_the_fleet_by_default_and_on_one_replica_with_replica(
@@ -45,7 +45,7 @@ async def test_poolctl_acts_on_the_fleet_by_default_and_on_one_replica_with_repl
         local = await poolctl("--target", tb, "mode", "keyed", "--replica")
         assert local.code == 0, local.err
         assert "fleet generation" not in local.out
-        assert b.switch.mode is PoolMode.KEYED
+        assert mode_of(b) is PoolMode.KEYED
 
         await assert_eventually(lambda: _diverged_in_table(ta, b.instance), timeout=10)
         fleet = await poolctl("--target", ta, "--json", "fleet")

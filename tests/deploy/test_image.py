@@ -145,6 +145,7 @@ def test_build_context_holds_every_copied_path() -> None:
         assert ignored(local_state, patterns), local_state
 
 
+@pytest.mark.process
 def test_container_command_with_baked_config_becomes_healthy_and_stops_on_sigterm(
     tmp_path: Path,
 ) -> None:

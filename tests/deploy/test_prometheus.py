@@ -36,12 +36,14 @@ def promtool(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
 # ----------------------------------------------------------------- promtool
 
 
+@pytest.mark.prometheus
 def test_promtool_check_rules_accepts_rules_yml() -> None:
     result = promtool("check", "rules", str(prom.RULES))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
+@pytest.mark.prometheus
 def test_promtool_check_config_accepts_scrape_config() -> None:
     result = promtool("check", "config", str(prom.SCRAPE_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -52,6 +54,7 @@ def test_promtool_check_config_accepts_scrape_config() -> None:
     assert config["rule_files"] == ["rules.yml"]
 
 
+@pytest.mark.prometheus
 def test_promtool_unit_tests_pass() -> None:
     result = promtool("test", "rules", str(prom.RULES_TEST))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -81,6 +84,7 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     assert alerts - quiet == set(), "alerts without a not-firing test"
 
 
+@pytest.mark.prometheus
 @pytest.mark.parametrize(
     ("original", "broken"),
     [

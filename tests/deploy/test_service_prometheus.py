@@ -30,6 +30,9 @@ from tests.deploy.prom import PrometheusServer, wait_for
 from tests.helpers import find_free_port
 from tests.server.kafka_utils import produce
 
+#: The module's ``service`` fixture runs ``pool-server --demo`` as a process.
+pytestmark = pytest.mark.process
+
 REPO = prom.REPO
 BIN = Path(sys.executable).parent
 ACTORS = WORKERS = 16

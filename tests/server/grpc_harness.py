@@ -83,6 +83,6 @@ async def control_server(
     try:
         yield Harness(target, switch, handle, channel, pb_grpc.PoolControlStub(channel), registry)
     finally:
-        await channel.close()
+        await channel.close(grace=None)
         await handle.stop(0.5)
         await switch.close(timeout=1.0)

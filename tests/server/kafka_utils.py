@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 # One copy, shared with the reliability campaigns.
-from bench.campaigns._harness import committed_offsets as committed_offsets
+from tests.support.kafka import committed_offsets as committed_offsets
 
 
 def envelope(aggregate_id: str, seq: int, **extra: object) -> bytes:

@@ -461,7 +461,7 @@ async def test_backpressure_and_mode_switches_together_keep_order_and_commit_eve
                 full[0] += 1
                 raise
 
-        switch.dispatch_nowait = counting  # type: ignore[method-assign]
+        switch.dispatch_nowait = counting
         modes = [(PoolMode.ACTOR, 50.0), (PoolMode.KEYED, 100.0), (PoolMode.ACTOR, 100.0)]
         switches = 0
         while rec.count < 1200 and switches < 200:

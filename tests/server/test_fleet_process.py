@@ -1,8 +1,9 @@
 """Fleet control with real processes (``python -m server``) on the embedded
 broker: three replicas under load, kill -9 and restart, a fleet-paused
 partition moving owners, racing compare-and-set writes, a control topic that
-cannot be used. The handler (``bench.campaigns._handler``) records every
-handled event with its process, so loss and order are judged from outside.
+cannot be used. The handler (``bench.campaigns._handler``, run by the
+service processes of :mod:`tests.support.harness`) records every handled event
+with its process, so loss and order are judged from outside.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from pathlib import Path
 import pytest
 from actorpool.control.v1 import control_pb2 as pb
 
-from bench.campaigns._harness import (
+from clients import ConflictError, PreconditionError
+from server._broker import EmbeddedBroker
+from tests.conftest import MakeTopic
+from tests.support.harness import (
     ServiceProcess,
     SteadyProducer,
     account,
@@ -23,9 +27,9 @@ from bench.campaigns._harness import (
     read_topic,
     wait_for,
 )
-from clients import ConflictError, PreconditionError
-from server._broker import EmbeddedBroker
-from tests.conftest import MakeTopic
+
+#: Every test here starts the service as a process.
+pytestmark = pytest.mark.process
 
 #: Fast reports: a killed replica is stale after 3 x 300 ms.
 FLEET_SETTINGS = {"control.heartbeatMs": 300, "log.level": "info"}

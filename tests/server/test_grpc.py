@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from actorpool.control.v1 import control_pb2 as pb
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from structlog.testing import capture_logs
 
 from pool import PoolMode, executor_index
+from server._control import ServiceStatus
 from server._grpc import SERVICE_NAME, GrpcConfigError, start_grpc_server
 from tests.helpers import assert_eventually
 from tests.server.control_standin import StandInControlTarget, make_switch
@@ -30,7 +31,7 @@ def seconds(value: float) -> duration_pb2.Duration:
 async def read_rest(stream: Any) -> list[Any]:
     """Read a server stream to its end with ``read()`` (the API the tests started with)."""
     out = []
-    while (m := await stream.read()) is not grpc.aio.EOF:
+    while (m := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]  # not in grpc-stubs
         out.append(m)
     return out
 
@@ -128,7 +129,9 @@ async def test_concurrent_set_pool_mode_calls_are_serialised() -> None:
         finished: list[str] = []
 
         async def set_mode(name: str, mode: pb.PoolMode.ValueType) -> pb.SetPoolModeResponse:
-            reply = await h.stub.SetPoolMode(pb.SetPoolModeRequest(mode=mode, request_id=name))
+            reply: pb.SetPoolModeResponse = await h.stub.SetPoolMode(
+                pb.SetPoolModeRequest(mode=mode, request_id=name)
+            )
             finished.append(name)
             return reply
 
@@ -295,14 +298,16 @@ async def test_drain_past_its_timeout_is_deadline_exceeded_with_what_remained() 
         messages: list[pb.DrainResponse] = []
 
         async def collect() -> None:
-            while (m := await stream.read()) is not grpc.aio.EOF:
+            while (m := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 messages.append(m)
 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await collect()
         assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         assert "4 events still in flight" in (info.value.details() or "")
-        assert dict(info.value.trailing_metadata() or ())["drain-remaining"] == "4"
+        # grpc-stubs gives AioRpcError the sync API's trailing metadata type.
+        trailing = cast("grpc.aio.Metadata | None", info.value.trailing_metadata())
+        assert dict(trailing or ())["drain-remaining"] == "4"
         partial = messages[-1].result
         assert not partial.complete
         assert partial.remaining == 4
@@ -414,6 +419,18 @@ async def test_redrive_without_a_selection_is_invalid() -> None:
         assert await code_of(h.stub.RedriveDeadLetters(both)) is grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_a_timestamp_protobuf_refuses_is_an_invalid_argument() -> None:
+    bad = pb.DeadLetterFilter(since=timestamp_pb2.Timestamp(seconds=1, nanos=-904))
+    async with control_server() as h:
+        stream = h.stub.StreamDeadLetters(pb.StreamDeadLettersRequest(filter=bad))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream.read()
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "filter.since" in (info.value.details() or "")
+        redrive = h.stub.RedriveDeadLetters(pb.RedriveDeadLettersRequest(filter=bad))
+        assert await code_of(redrive) is grpc.StatusCode.INVALID_ARGUMENT
+
+
 # -------------------------------------------------------------------- auth
 
 
@@ -491,6 +508,51 @@ async def test_calls_are_counted_and_timed_by_method_and_code() -> None:
             == 1
         )
         assert h.metric("pool_control_grpc_call_duration_seconds_count", method="GetStatus") == 2
+
+
+# -------------------------------------------------------- errors and logs
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError])
+async def test_an_internal_error_in_a_handler_is_internal_with_a_generic_message(
+    error: type[Exception],
+) -> None:
+    async with control_server() as h:
+
+        def broken() -> ServiceStatus:
+            raise error("a bug of ours: secret detail")
+
+        h.target.status = broken  # type: ignore[method-assign]
+        with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.stub.GetStatus(pb.GetStatusRequest())
+        assert info.value.code() is grpc.StatusCode.INTERNAL
+        assert info.value.details() == f"internal error ({error.__name__}); see server log"
+        failed = [e for e in logs if e["event"] == "control.call_failed"]
+        assert len(failed) == 1
+        assert "a bug of ours: secret detail" in failed[0]["error"]
+        assert failed[0]["log_level"] == "error"
+        assert h.metric("pool_control_grpc_calls_total", method="GetStatus", code="INTERNAL") == 1
+
+
+async def test_a_client_cancelling_its_stream_is_logged_as_an_end_not_a_refusal() -> None:
+    async with control_server() as h:
+        with capture_logs() as logs:
+            stream = h.stub.StreamDeadLetters(pb.StreamDeadLettersRequest(follow=True))
+            assert (await stream.read()).WhichOneof("event") == "backlog_end"
+            stream.cancel()
+            await assert_eventually(
+                lambda: any(e["event"] == "control.stream_cancelled" for e in logs),
+                message="the end of the stream logged",
+            )
+            await h.stub.GetStatus(pb.GetStatusRequest())
+        ended = [e for e in logs if e["event"] == "control.stream_cancelled"]
+        assert [(e["method"], e["log_level"]) for e in ended] == [("StreamDeadLetters", "info")]
+        assert [e for e in logs if e["event"] == "control.call_refused"] == []
+        assert h.target.subscribers == 0
+        cancelled = h.metric(
+            "pool_control_grpc_calls_total", method="StreamDeadLetters", code="CANCELLED"
+        )
+        assert cancelled == 1
 
 
 # --------------------------------------------------------- server set-up

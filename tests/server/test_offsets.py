@@ -86,7 +86,7 @@ def test_committable_never_passes_an_unfinished_offset(
     for offset in offsets:
         t.add(offset)
         added.append(offset)
-        while to_finish and data.draw(st.booleans()):
+        while len(to_finish) > 0 and data.draw(st.booleans()):
             candidate = to_finish[0]
             if candidate not in added:
                 break

@@ -18,7 +18,7 @@ def test_every_exported_name_resolves() -> None:
 
 def test_unknown_names_raise_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        _ = server.Nope  # type: ignore[attr-defined]
+        _ = server.Nope
 
 
 def test_importing_the_package_does_not_import_kafka_or_grpc() -> None:

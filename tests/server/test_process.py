@@ -25,6 +25,9 @@ from tests.helpers import assert_eventually
 from tests.server.kafka_utils import aggregate_events, committed_offsets, envelope, produce
 from tests.server.recording_handler import Record, read_records
 
+#: Every test here starts the service as a process.
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -4,9 +4,10 @@ made every fetch of its partition fail and the service exit."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.campaigns.bad_input import RawName, python_record_builder
 from server._broker import EmbeddedBroker
 from server._records import LenientMemoryRecords, install
 from server._service import Service
@@ -15,6 +16,7 @@ from tests.helpers import assert_eventually
 from tests.server.kafka_utils import envelope
 from tests.server.recording_handler import MemoryRecorder
 from tests.server.test_service import service_settings
+from tests.support.kafka import RawName, python_record_builder
 
 
 async def _produce_batch(bootstrap: str, topic: str, bad_at: set[int], count: int) -> None:
@@ -45,7 +47,7 @@ async def test_a_plain_consumer_reads_through_a_bad_header_name(
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, 0)])
-        got = []
+        got: list[Any] = []  # aiokafka ConsumerRecords
         while len(got) < 10:
             for records in (await consumer.getmany(timeout_ms=2000)).values():
                 got.extend(records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable
 
 from clients import AsyncPoolControlClient
 from pool import Message
@@ -110,8 +111,8 @@ async def test_stop_reports_not_serving_before_it_drains(
         await svc.stop()
 
 
-async def _is(status: object, wanted: str) -> bool:
-    return await status == wanted  # type: ignore[misc]
+async def _is(status: Awaitable[str], wanted: str) -> bool:
+    return await status == wanted
 
 
 def _total(svc: Service, name: str) -> float:

@@ -1,12 +1,15 @@
 """Fleet scope of the control API: what the servicer calls for ``SCOPE_FLEET``.
 
-The servicer (:mod:`server._grpc`) keeps validating arguments, idempotency
-on this replica and the interceptor's auth and audit; for a fleet-scope call
-it asks :func:`fleet_for` whether the call goes to the fleet and then calls
-:func:`write` here, which writes the desired state through
+The servicer (:mod:`server._grpc._servicer`) keeps validating arguments,
+idempotency on this replica and the interceptor's auth and audit; for a
+fleet-scope call it asks :func:`fleet_for` whether the call goes to the fleet
+and then calls :func:`write` here, which writes the desired state through
 :class:`server._fleet.FleetControl`, waits until every live replica applied
 it (up to the call's wait timeout), writes an audit line with the generation,
-and returns one result per replica.
+and returns one result per replica. A refused request raises
+:class:`~server._grpc._status.InvalidArgumentError`; a lost compare-and-set
+is :class:`~server._control.ConflictError` (``ABORTED``), the fleet at another
+generation :class:`~server._control.PreconditionError`.
 
 A target without a ``fleet`` attribute (or with ``fleet = None``: the control
 topic disabled) serves replica scope only.
@@ -33,6 +36,8 @@ from server._fleet_state import (
     is_stale,
     report_differences,
 )
+from server._grpc._convert import duration
+from server._grpc._status import InvalidArgumentError
 
 __all__ = [
     "Change",
@@ -40,7 +45,6 @@ __all__ = [
     "check_partitions",
     "fleet_for",
     "fleet_status",
-    "fleet_wait",
     "local_outcome",
     "paused_before",
     "paused_to_pb",
@@ -49,9 +53,6 @@ __all__ = [
 ]
 
 audit_log = structlog.get_logger("server.audit")
-
-DEFAULT_FLEET_WAIT: Final = 5.0
-MAX_FLEET_WAIT: Final = 3600.0
 
 _OUTCOME_TO_PB: Final = {
     Outcome.APPLIED: pb.REPLICA_OUTCOME_APPLIED,
@@ -81,13 +82,13 @@ def fleet_for(target: object, request: _ScopedRequest) -> FleetControl | None:
     """The fleet a call acts on, or ``None`` for replica scope.
 
     Unspecified scope = fleet when the control topic is enabled. Raises
-    ``ValueError`` (INVALID_ARGUMENT) for an unknown scope or a
-    compare-and-set on replica scope, :class:`PreconditionError` for fleet
-    scope without the control topic."""
+    :class:`InvalidArgumentError` for an unknown scope or a compare-and-set on
+    replica scope, :class:`PreconditionError` for fleet scope without the
+    control topic."""
     fleet = fleet_of(target)
     scope = request.scope
     if scope not in (pb.SCOPE_UNSPECIFIED, pb.SCOPE_REPLICA, pb.SCOPE_FLEET):
-        raise ValueError(f"unknown scope {scope}")
+        raise InvalidArgumentError(f"unknown scope {scope}")
     if scope == pb.SCOPE_REPLICA:
         fleet = None
     elif scope == pb.SCOPE_FLEET and fleet is None:
@@ -95,17 +96,8 @@ def fleet_for(target: object, request: _ScopedRequest) -> FleetControl | None:
             "fleet scope needs the control topic, and control.enabled is off on this replica"
         )
     if fleet is None and request.HasField("expected_generation"):
-        raise ValueError("expected_generation applies to fleet scope only")
+        raise InvalidArgumentError("expected_generation applies to fleet scope only")
     return fleet
-
-
-def fleet_wait(request: _ScopedRequest) -> float:
-    if not request.HasField("wait_timeout"):
-        return DEFAULT_FLEET_WAIT
-    wait = request.wait_timeout.ToNanoseconds() / 1e9
-    if not 0 <= wait <= MAX_FLEET_WAIT:
-        raise ValueError(f"wait_timeout must be within 0..{MAX_FLEET_WAIT:g} s")
-    return wait
 
 
 def check_partitions(fleet: FleetControl, partitions: Sequence[Partition] | None) -> None:
@@ -169,7 +161,7 @@ async def write(
         previous_generation=result.previous_generation,
         complete=complete,
         replicas=[replica_result_to_pb(o) for o in outcomes],
-        took=_duration(time.time() - started),
+        took=duration(max(0.0, time.time() - started)),
     )
 
 
@@ -201,7 +193,7 @@ def replica_result_to_pb(o: ReplicaOutcome) -> pb.ReplicaResult:
         error=o.error,
     )
     if o.took_s is not None:
-        out.took.CopyFrom(_duration(o.took_s))
+        out.took.CopyFrom(duration(max(0.0, o.took_s)))
     return out
 
 
@@ -251,7 +243,7 @@ def fleet_status(target: object) -> pb.GetFleetStatusResponse:
             stale=is_stale(report, now),
             diverged=bool(diffs),
             differences=diffs,
-            age=_duration(max(0.0, now - report.time)),
+            age=duration(max(0.0, now - report.time)),
         )
     return response
 
@@ -276,9 +268,3 @@ def add_replica_fleet_status(response: pb.GetStatusResponse, target: object) -> 
             degraded_reason=fleet.degraded or "",
         )
     )
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(max(0.0, seconds) * 1e9))
-    return d

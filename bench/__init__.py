@@ -1,0 +1,1 @@
+"""Benchmarks and reliability campaigns (run from the repository root; see the Makefile)."""
