@@ -75,6 +75,10 @@ class PreconditionError(ControlClientError):
     """``FAILED_PRECONDITION`` — valid call, wrong state (e.g. a drain already running)."""
 
 
+class ConflictError(ControlClientError):
+    """``ABORTED``: a concurrent fleet write took the expected generation first."""
+
+
 class DeadlineError(ControlClientError):
     """``DEADLINE_EXCEEDED``: the call (or a drain) ran out of time.
 
@@ -94,6 +98,7 @@ _BY_CODE: Final[dict[grpc.StatusCode, type[ControlClientError]]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: PreconditionError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineError,
+    grpc.StatusCode.ABORTED: ConflictError,
 }
 
 
@@ -219,34 +224,82 @@ def _inbox_depth_request(
     )
 
 
+#: ``scope=`` of the mutating calls: "fleet", "replica" or None (the server's
+#: default: fleet when its control topic is enabled).
+Scope = str | None
+
+_SCOPES: Final = {
+    None: pb.SCOPE_UNSPECIFIED,
+    "": pb.SCOPE_UNSPECIFIED,
+    "fleet": pb.SCOPE_FLEET,
+    "replica": pb.SCOPE_REPLICA,
+}
+
+
+def scope_value(scope: Scope) -> pb.Scope.ValueType:
+    try:
+        return _SCOPES[scope.lower() if scope else scope]
+    except KeyError:
+        raise ValueError(f"scope must be 'fleet' or 'replica', got {scope!r}") from None
+
+
+_Scoped = TypeVar(
+    "_Scoped", pb.SetPoolModeRequest, pb.SetRolloutRequest, pb.PauseRequest, pb.ResumeRequest
+)
+
+
+def _scoped(
+    request: _Scoped,
+    scope: Scope,
+    expected_generation: int | None,
+    wait_timeout: float | None,
+) -> _Scoped:
+    request.scope = scope_value(scope)
+    if expected_generation is not None:
+        request.expected_generation = expected_generation
+    if wait_timeout is not None:
+        request.wait_timeout.CopyFrom(seconds(wait_timeout))
+    return request
+
+
 def _set_mode_request(
-    mode: str | int, request_id: str | None, wait_timeout: float | None
+    mode: str | int,
+    request_id: str | None,
+    wait_timeout: float | None,
+    scope: Scope = None,
+    expected_generation: int | None = None,
 ) -> pb.SetPoolModeRequest:
     request = pb.SetPoolModeRequest(
         mode=mode_value(mode), request_id=request_id or new_request_id()
     )
-    if wait_timeout is not None:
-        request.wait_timeout.CopyFrom(seconds(wait_timeout))
-    return request
+    return _scoped(request, scope, expected_generation, wait_timeout)
 
 
 def _set_rollout_request(
-    percent: float, request_id: str | None, wait_timeout: float | None
+    percent: float,
+    request_id: str | None,
+    wait_timeout: float | None,
+    scope: Scope = None,
+    expected_generation: int | None = None,
 ) -> pb.SetRolloutRequest:
     request = pb.SetRolloutRequest(percent=percent, request_id=request_id or new_request_id())
-    if wait_timeout is not None:
-        request.wait_timeout.CopyFrom(seconds(wait_timeout))
-    return request
+    return _scoped(request, scope, expected_generation, wait_timeout)
 
 
 _IntakeRequest = TypeVar("_IntakeRequest", pb.PauseRequest, pb.ResumeRequest)
 
 
 def _intake_request(
-    kind: type[_IntakeRequest], partitions: Sequence[Partition] | None, request_id: str | None
+    kind: type[_IntakeRequest],
+    partitions: Sequence[Partition] | None,
+    request_id: str | None,
+    scope: Scope = None,
+    expected_generation: int | None = None,
+    wait_timeout: float | None = None,
 ) -> _IntakeRequest:
     """A ``PauseRequest`` or ``ResumeRequest`` (the same fields)."""
-    return kind(partitions=_partitions(partitions), request_id=request_id or new_request_id())
+    request = kind(partitions=_partitions(partitions), request_id=request_id or new_request_id())
+    return _scoped(request, scope, expected_generation, wait_timeout)
 
 
 def _partition_list(reply: pb.PauseResponse | pb.ResumeResponse) -> list[Partition]:
@@ -399,6 +452,10 @@ class AsyncPoolControlClient(_Base):
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ---------------------------------------------------------- reads
+    async def fleet_status(self, *, timeout: float | None = None) -> pb.GetFleetStatusResponse:
+        """The fleet's desired state and every replica's report."""
+        return await self._unary(self._stub.GetFleetStatus, pb.GetFleetStatusRequest(), timeout)
+
     async def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
         return await self._unary(self._stub.GetStatus, pb.GetStatusRequest(), timeout)
 
@@ -433,8 +490,10 @@ class AsyncPoolControlClient(_Base):
         request_id: str | None = None,
         wait_timeout: float | None = None,
         timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
     ) -> pb.SetPoolModeResponse:
-        request = _set_mode_request(mode, request_id, wait_timeout)
+        request = _set_mode_request(mode, request_id, wait_timeout, scope, expected_generation)
         return await self._unary(self._stub.SetPoolMode, request, timeout)
 
     async def set_rollout(
@@ -444,8 +503,12 @@ class AsyncPoolControlClient(_Base):
         request_id: str | None = None,
         wait_timeout: float | None = None,
         timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
     ) -> pb.SetRolloutResponse:
-        request = _set_rollout_request(percent, request_id, wait_timeout)
+        request = _set_rollout_request(
+            percent, request_id, wait_timeout, scope, expected_generation
+        )
         return await self._unary(self._stub.SetRollout, request, timeout)
 
     async def pause(
@@ -454,10 +517,36 @@ class AsyncPoolControlClient(_Base):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
+        wait_timeout: float | None = None,
     ) -> list[Partition]:
-        request = _intake_request(pb.PauseRequest, partitions, request_id)
-        reply = await self._unary(self._stub.Pause, request, timeout)
-        return _partition_list(reply)
+        return _partition_list(
+            await self.pause_reply(
+                partitions,
+                request_id=request_id,
+                timeout=timeout,
+                scope=scope,
+                expected_generation=expected_generation,
+                wait_timeout=wait_timeout,
+            )
+        )
+
+    async def pause_reply(
+        self,
+        partitions: Sequence[Partition] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
+        wait_timeout: float | None = None,
+    ) -> pb.PauseResponse:
+        """Like :meth:`pause`, with the whole reply (fleet results included)."""
+        request = _intake_request(
+            pb.PauseRequest, partitions, request_id, scope, expected_generation, wait_timeout
+        )
+        return await self._unary(self._stub.Pause, request, timeout)
 
     async def resume(
         self,
@@ -465,10 +554,36 @@ class AsyncPoolControlClient(_Base):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
+        wait_timeout: float | None = None,
     ) -> list[Partition]:
-        request = _intake_request(pb.ResumeRequest, partitions, request_id)
-        reply = await self._unary(self._stub.Resume, request, timeout)
-        return _partition_list(reply)
+        return _partition_list(
+            await self.resume_reply(
+                partitions,
+                request_id=request_id,
+                timeout=timeout,
+                scope=scope,
+                expected_generation=expected_generation,
+                wait_timeout=wait_timeout,
+            )
+        )
+
+    async def resume_reply(
+        self,
+        partitions: Sequence[Partition] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
+        wait_timeout: float | None = None,
+    ) -> pb.ResumeResponse:
+        """Like :meth:`resume`, with the whole reply (fleet results included)."""
+        request = _intake_request(
+            pb.ResumeRequest, partitions, request_id, scope, expected_generation, wait_timeout
+        )
+        return await self._unary(self._stub.Resume, request, timeout)
 
     async def drain(
         self,
@@ -583,6 +698,10 @@ class PoolControlClient(_Base):
             time.sleep(self.retry.backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def fleet_status(self, *, timeout: float | None = None) -> pb.GetFleetStatusResponse:
+        """The fleet's desired state and every replica's report."""
+        return self._unary(self._stub.GetFleetStatus, pb.GetFleetStatusRequest(), timeout)
+
     def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
         return self._unary(self._stub.GetStatus, pb.GetStatusRequest(), timeout)
 
@@ -615,8 +734,10 @@ class PoolControlClient(_Base):
         request_id: str | None = None,
         wait_timeout: float | None = None,
         timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
     ) -> pb.SetPoolModeResponse:
-        request = _set_mode_request(mode, request_id, wait_timeout)
+        request = _set_mode_request(mode, request_id, wait_timeout, scope, expected_generation)
         return self._unary(self._stub.SetPoolMode, request, timeout)
 
     def set_rollout(
@@ -626,8 +747,12 @@ class PoolControlClient(_Base):
         request_id: str | None = None,
         wait_timeout: float | None = None,
         timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
     ) -> pb.SetRolloutResponse:
-        request = _set_rollout_request(percent, request_id, wait_timeout)
+        request = _set_rollout_request(
+            percent, request_id, wait_timeout, scope, expected_generation
+        )
         return self._unary(self._stub.SetRollout, request, timeout)
 
     def pause(
@@ -636,10 +761,36 @@ class PoolControlClient(_Base):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
+        wait_timeout: float | None = None,
     ) -> list[Partition]:
-        request = _intake_request(pb.PauseRequest, partitions, request_id)
-        reply = self._unary(self._stub.Pause, request, timeout)
-        return _partition_list(reply)
+        return _partition_list(
+            self.pause_reply(
+                partitions,
+                request_id=request_id,
+                timeout=timeout,
+                scope=scope,
+                expected_generation=expected_generation,
+                wait_timeout=wait_timeout,
+            )
+        )
+
+    def pause_reply(
+        self,
+        partitions: Sequence[Partition] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
+        wait_timeout: float | None = None,
+    ) -> pb.PauseResponse:
+        """Like :meth:`pause`, with the whole reply (fleet results included)."""
+        request = _intake_request(
+            pb.PauseRequest, partitions, request_id, scope, expected_generation, wait_timeout
+        )
+        return self._unary(self._stub.Pause, request, timeout)
 
     def resume(
         self,
@@ -647,10 +798,36 @@ class PoolControlClient(_Base):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
+        wait_timeout: float | None = None,
     ) -> list[Partition]:
-        request = _intake_request(pb.ResumeRequest, partitions, request_id)
-        reply = self._unary(self._stub.Resume, request, timeout)
-        return _partition_list(reply)
+        return _partition_list(
+            self.resume_reply(
+                partitions,
+                request_id=request_id,
+                timeout=timeout,
+                scope=scope,
+                expected_generation=expected_generation,
+                wait_timeout=wait_timeout,
+            )
+        )
+
+    def resume_reply(
+        self,
+        partitions: Sequence[Partition] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        scope: Scope = None,
+        expected_generation: int | None = None,
+        wait_timeout: float | None = None,
+    ) -> pb.ResumeResponse:
+        """Like :meth:`resume`, with the whole reply (fleet results included)."""
+        request = _intake_request(
+            pb.ResumeRequest, partitions, request_id, scope, expected_generation, wait_timeout
+        )
+        return self._unary(self._stub.Resume, request, timeout)
 
     def drain(
         self,

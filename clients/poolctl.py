@@ -2,11 +2,17 @@
 
     poolctl [--target HOST:PORT]... [--token T] [--json] COMMAND [ARGS]
 
-Commands: ``status``, ``mode keyed|actor``, ``rollout N``,
+Commands: ``status``, ``fleet``, ``mode keyed|actor``, ``rollout N``,
 ``depth [--aggregate ID] [--top N]``, ``drain [--timeout S]``, ``pause``,
 ``resume``, ``dead-letters [--follow]``, ``redrive``. ``--deadline S`` bounds
 each call (default 10 s); ``drain --timeout S`` is how long the drain may take.
 Every command runs against every ``--target`` (concurrently) and reports each.
+
+Fleet scope: ``mode``, ``rollout``, ``pause`` and ``resume`` act on the whole
+consumer group by default (through the control topic; any replica will do),
+and answer with one result per replica; ``--replica`` acts on the replica
+called only; ``--expect-generation N`` writes only if the fleet is at
+generation N. ``fleet`` shows the desired state and every replica's report.
 
 Output: readable tables by default; ``--json`` prints the response as JSON for
 scripts (one object for one target, ``{"targets": [...]}`` for several;
@@ -22,7 +28,8 @@ Exit codes (for several targets: the first failing target's code):
     2  usage error, or the server rejected an argument (INVALID_ARGUMENT)
     3  unavailable: cannot connect, or the server is shutting down
     4  authentication or permission (UNAUTHENTICATED, PERMISSION_DENIED)
-    5  failed precondition, or a timeout (a drain that did not finish in time)
+    5  failed precondition, or a timeout (a drain that did not finish in time),
+       or a lost fleet compare-and-set (ABORTED)
     6  not found (e.g. a partition not assigned to that replica)
     130 interrupted (Ctrl-C)
 
@@ -58,6 +65,7 @@ from clients._client import (
     DeadlineError,
     dead_letter_filter,
     mode_name,
+    new_request_id,
 )
 
 EXIT_OK: Final = 0
@@ -310,6 +318,89 @@ def rollout_note(r: pb.SwitchResult) -> str:
     )
 
 
+_OUTCOME_NAMES: Final = {
+    pb.REPLICA_OUTCOME_APPLIED: "applied",
+    pb.REPLICA_OUTCOME_PENDING: "pending",
+    pb.REPLICA_OUTCOME_FAILED: "failed",
+}
+
+
+def render_fleet_result(f: pb.FleetResult, replayed: bool = False) -> str:
+    head = (
+        f"fleet generation {f.previous_generation} -> {f.generation}   "
+        f"{'every live replica applied' if f.complete else 'NOT every replica applied'}   "
+        f"took {_duration(f.took)}" + ("   (replayed: already written)" if replayed else "")
+    )
+    rows = [
+        (
+            r.instance,
+            r.grpc_address,
+            _OUTCOME_NAMES.get(r.outcome, "?"),
+            r.applied_generation,
+            _duration(r.took) if r.HasField("took") else "-",
+            r.error,
+        )
+        for r in f.replicas
+    ]
+    return (
+        head + "\n" + table(("REPLICA", "ADDRESS", "OUTCOME", "GENERATION", "TOOK", "ERROR"), rows)
+    )
+
+
+def render_fleet(f: pb.GetFleetStatusResponse) -> str:
+    if not f.enabled:
+        return "fleet control disabled on this replica (control.enabled: false)"
+    lines = [f"control topic {f.topic}   answered by {f.instance}"]
+    if f.degraded:
+        lines.append(f"DEGRADED: {f.degraded_reason}")
+    if f.HasField("desired"):
+        d = f.desired
+        paused = (
+            "all"
+            if d.paused_all
+            else ", ".join(f"{p.topic}:{p.partition}" for p in d.paused) or "none"
+        )
+        lines.append(
+            f"desired    generation {d.generation}   mode {mode_name(d.mode)}   "
+            f"rollout {d.rollout_percent:g}%   paused {paused}"
+        )
+        lines.append(
+            f"last write {d.change or '-'} by {d.caller_role or '-'} {d.caller_peer or ''} "
+            f"through {d.writer or '-'} at {_time(d.time)}"
+        )
+    else:
+        lines.append("desired    none yet: every replica runs on its configuration")
+    rows = [
+        (
+            r.report.instance,
+            r.report.grpc_address,
+            r.report.applied_generation,
+            mode_name(r.report.mode),
+            f"{r.report.rollout_percent:g}%",
+            len(r.report.assigned),
+            r.report.lag,
+            "stale" if r.stale else ("diverged" if r.diverged else "ok"),
+            "; ".join(r.differences) or r.report.last_error,
+            _duration(r.age),
+        )
+        for r in f.replicas
+    ]
+    headers = (
+        "REPLICA",
+        "ADDRESS",
+        "GENERATION",
+        "MODE",
+        "ROLLOUT",
+        "PARTITIONS",
+        "LAG",
+        "STATE",
+        "DETAIL",
+        "AGE",
+    )
+    lines.append(table(headers, rows) if rows else "no replica reports")
+    return "\n".join(lines)
+
+
 def render_depth(d: pb.GetInboxDepthResponse) -> str:
     lines = [f"total depth {d.total}"]
     for p in d.pools:
@@ -374,13 +465,13 @@ def render_redrive(r: pb.RedriveDeadLettersResponse) -> str:
 def result_json(message: ProtoMessage) -> dict[str, Any]:
     """A command's ``--json`` result: the response as :func:`to_dict`; for
     ``status`` also ``"intake"``, the state :func:`intake_state` derives; for
-    ``pause``/``resume`` only ``partitions`` (the client does not say whether
-    the call was a replay)."""
+    ``pause``/``resume`` on one replica only ``partitions``, and on the fleet
+    also ``all_paused``, ``fleet`` and ``replayed``."""
     doc = to_dict(message)
     if isinstance(message, pb.GetStatusResponse):
         doc["intake"] = intake_state(message)[0]
-    if isinstance(message, pb.PauseResponse | pb.ResumeResponse):
-        del doc["replayed"]
+    if isinstance(message, pb.PauseResponse | pb.ResumeResponse) and not message.HasField("fleet"):
+        doc = {"partitions": doc["partitions"]}
     return doc
 
 
@@ -417,6 +508,16 @@ def _positive(text: str) -> float:
 
 def _non_negative(text: str) -> float:
     value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _generation(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
@@ -514,7 +615,18 @@ def _wait(p: argparse.ArgumentParser) -> None:
         type=_non_negative,
         default=None,
         metavar="S",
-        help="how long to wait for aggregates in flight in the old pool to hand over "
+        help="how long to wait for aggregates in flight in the old pool to hand over, "
+        "and on the fleet for every live replica to apply (default 5; 0 = return at once)",
+    )
+
+
+def _fleet_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        type=_non_negative,
+        default=None,
+        metavar="S",
+        help="on the fleet: how long to wait for every live replica to apply "
         "(default 5; 0 = return at once)",
     )
 
@@ -534,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="poolctl",
         description="Operate the Kafka actor-pool service over its gRPC control API.",
         epilog="Exit codes: 0 ok, 1 error, 2 usage/invalid argument, 3 unavailable, "
-        "4 auth, 5 failed precondition/timeout, 6 not found, 130 interrupted.",
+        "4 auth, 5 failed precondition/timeout/conflict, 6 not found, 130 interrupted.",
         parents=[_common(suppress=False)],
     )
     parser.add_argument(
@@ -553,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _request_id(p)
     _wait(p)
+    _scope_options(p)
 
     p = sub.add_parser(
         "rollout", parents=[common], help="share of aggregates on the actor pool in actor mode"
@@ -560,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("percent", type=_percent, help="0..100 (a trailing %% is allowed)")
     _request_id(p)
     _wait(p)
+    _scope_options(p)
 
     p = sub.add_parser("depth", parents=[common], help="inbox depth per executor")
     p.add_argument("--aggregate", default="", metavar="ID", help="where this aggregate goes")
@@ -578,6 +692,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=f"{text} (all or listed partitions)")
         _partitions(p, name)
         _request_id(p)
+        _fleet_wait(p)
+        _scope_options(p)
+
+    sub.add_parser(
+        "fleet", parents=[common], help="the fleet's desired state and every replica's report"
+    )
 
     p = sub.add_parser("dead-letters", parents=[common], help="show (and follow) dead letters")
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming live ones")
@@ -593,6 +713,23 @@ def build_parser() -> argparse.ArgumentParser:
     _request_id(p)
     _filters(p)
     return parser
+
+
+def _scope_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fleet").add_mutually_exclusive_group()
+    g.add_argument(
+        "--replica",
+        action="store_true",
+        help="act on the replica called only (default: the whole fleet, through the "
+        "control topic, when the service has it enabled)",
+    )
+    g.add_argument(
+        "--expect-generation",
+        type=_generation,
+        default=None,
+        metavar="N",
+        help="write to the fleet only if it is at generation N (compare-and-set)",
+    )
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
@@ -630,16 +767,16 @@ async def cmd_status(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[
 
 
 async def cmd_mode(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
-    r = await c.set_mode(a.mode, request_id=a.request_id, wait_timeout=a.wait)
-    return r, render_switch(r.result, r.replayed)
+    r = await c.set_mode(a.mode, request_id=a.request_id, wait_timeout=a.wait, **_scope(a))
+    return r, render_switch(r.result, r.replayed) + _fleet_text(r)
 
 
 async def cmd_rollout(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
-    r = await c.set_rollout(a.percent, request_id=a.request_id, wait_timeout=a.wait)
+    r = await c.set_rollout(a.percent, request_id=a.request_id, wait_timeout=a.wait, **_scope(a))
     note = rollout_note(r.result)
     if note and a.json:
         print(f"poolctl: {c.target}: {note}", file=sys.stderr)
-    return r, render_switch(r.result, r.replayed) + (f"\n{note}" if note else "")
+    return r, render_switch(r.result, r.replayed) + (f"\n{note}" if note else "") + _fleet_text(r)
 
 
 async def cmd_depth(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
@@ -669,17 +806,39 @@ async def cmd_drain(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[P
 
 
 async def cmd_pause(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
-    parts = await c.pause(a.partition, request_id=a.request_id)
-    return pb.PauseResponse(
-        partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in parts]
-    ), render_partitions("paused", parts)
+    r = await c.pause_reply(a.partition, request_id=a.request_id, wait_timeout=a.wait, **_scope(a))
+    parts = [(p.topic, p.partition) for p in r.partitions]
+    if r.all_paused:
+        text = "paused: every partition, now and later (fleet)"
+    else:
+        text = render_partitions("paused", parts)
+    return r, text + _fleet_text(r)
 
 
 async def cmd_resume(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
-    parts = await c.resume(a.partition, request_id=a.request_id)
-    return pb.ResumeResponse(
-        partitions=[pb.TopicPartition(topic=t, partition=p) for t, p in parts]
-    ), render_partitions("resumed", parts)
+    r = await c.resume_reply(a.partition, request_id=a.request_id, wait_timeout=a.wait, **_scope(a))
+    parts = [(p.topic, p.partition) for p in r.partitions]
+    return r, render_partitions("resumed", parts) + _fleet_text(r)
+
+
+async def cmd_fleet(c: AsyncPoolControlClient, a: argparse.Namespace) -> tuple[ProtoMessage, str]:
+    r = await c.fleet_status()
+    return r, render_fleet(r)
+
+
+def _scope(a: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "scope": "replica" if a.replica else None,
+        "expected_generation": a.expect_generation,
+    }
+
+
+def _fleet_text(
+    r: pb.SetPoolModeResponse | pb.SetRolloutResponse | pb.PauseResponse | pb.ResumeResponse,
+) -> str:
+    if not r.HasField("fleet"):
+        return ""
+    return "\n" + render_fleet_result(r.fleet, r.replayed)
 
 
 def _filter_from(a: argparse.Namespace) -> pb.DeadLetterFilter:
@@ -712,7 +871,12 @@ COMMANDS: Final[dict[str, Command]] = {
     "pause": cmd_pause,
     "resume": cmd_resume,
     "redrive": cmd_redrive,
+    "fleet": cmd_fleet,
 }
+
+#: Commands with fleet scope: one request ID for every --target, so a fleet
+#: write fanned out to several replicas is written once.
+FLEET_COMMANDS: Final = frozenset({"mode", "rollout", "pause", "resume"})
 
 
 async def stream_dead_letters(
@@ -830,6 +994,8 @@ def report(outcomes: Sequence[Outcome], *, json_output: bool, out: TextIO) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
+    if args.command in FLEET_COMMANDS and not args.replica and not args.request_id:
+        args.request_id = new_request_id()
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

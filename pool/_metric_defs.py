@@ -24,9 +24,9 @@ from typing import Final, Literal, get_args, overload
 PoolKind = Literal["actor", "keyed"]
 
 #: Whose metric: a pool kind (``kafka_eventbus_{actor,keyed}_pool_``), the mode
-#: switch (``kafka_eventbus_pool_``), the consumer, the process, or the gRPC
-#: control plane (``pool_control_``).
-Subsystem = Literal["actor", "keyed", "switch", "consumer", "process", "control"]
+#: switch (``kafka_eventbus_pool_``), the consumer, the process, fleet control
+#: (``kafka_eventbus_fleet_``), or the gRPC control plane (``pool_control_``).
+Subsystem = Literal["actor", "keyed", "switch", "consumer", "process", "fleet", "control"]
 
 PREFIXES: Final[dict[Subsystem, str]] = {
     "actor": "kafka_eventbus_actor_pool_",
@@ -34,6 +34,7 @@ PREFIXES: Final[dict[Subsystem, str]] = {
     "switch": "kafka_eventbus_pool_",
     "consumer": "kafka_eventbus_consumer_",
     "process": "kafka_eventbus_process_",
+    "fleet": "kafka_eventbus_fleet_",
     "control": "pool_control_",
 }
 
@@ -115,6 +116,26 @@ ProcessMetric = Literal[
     "asyncio_tasks",
 ]
 
+FleetMetric = Literal[
+    # Gauge: generation of the fleet's desired state as this replica read it
+    # from the control topic (0 = none written yet).
+    "desired_generation",
+    # Gauge: generation of the desired state this replica last applied.
+    "applied_generation",
+    # Gauge: 1 when this replica differs from the fleet's desired state
+    # (another generation, or a replica-scope change), else 0.
+    "diverged",
+    # Gauge: 1 when the control topic cannot be read (running on the
+    # configuration or the last state read, retrying), else 0.
+    "degraded",
+    # Gauge {kind}: replicas known from their reports, "live" or "stale" (no
+    # report for three heartbeats).
+    "replicas",
+    # Counter {outcome}: fleet writes through this replica: "accepted",
+    # "replayed", "precondition", "conflict".
+    "writes_total",
+]
+
 ControlMetric = Literal[
     # Counter, labels ``method`` (e.g. "SetPoolMode") and ``code`` (e.g. "OK",
     # "INVALID_ARGUMENT"): control-plane calls handled, like grpc_server_handled_total.
@@ -131,6 +152,7 @@ POOL_METRICS: Final[tuple[PoolMetric, ...]] = get_args(PoolMetric)
 SWITCH_METRICS: Final[tuple[SwitchMetric, ...]] = get_args(SwitchMetric)
 CONSUMER_METRICS: Final[tuple[ConsumerMetric, ...]] = get_args(ConsumerMetric)
 PROCESS_METRICS: Final[tuple[ProcessMetric, ...]] = get_args(ProcessMetric)
+FLEET_METRICS: Final[tuple[FleetMetric, ...]] = get_args(FleetMetric)
 CONTROL_METRICS: Final[tuple[ControlMetric, ...]] = get_args(ControlMetric)
 
 #: Each subsystem's names.
@@ -140,6 +162,7 @@ METRICS_OF: Final[dict[Subsystem, tuple[str, ...]]] = {
     "switch": SWITCH_METRICS,
     "consumer": CONSUMER_METRICS,
     "process": PROCESS_METRICS,
+    "fleet": FLEET_METRICS,
     "control": CONTROL_METRICS,
 }
 
@@ -161,6 +184,8 @@ def metric_name(subsystem: Literal["switch"], name: SwitchMetric) -> str: ...
 def metric_name(subsystem: Literal["consumer"], name: ConsumerMetric) -> str: ...
 @overload
 def metric_name(subsystem: Literal["process"], name: ProcessMetric) -> str: ...
+@overload
+def metric_name(subsystem: Literal["fleet"], name: FleetMetric) -> str: ...
 @overload
 def metric_name(subsystem: Literal["control"], name: ControlMetric) -> str: ...
 def metric_name(subsystem: Subsystem, name: str) -> str:

@@ -47,6 +47,7 @@ from server._version import version
 
 __all__ = [
     "ConfigError",
+    "ControlSettings",
     "DeadLetterSettings",
     "DemoSettings",
     "EmbeddedSettings",
@@ -351,6 +352,27 @@ class DemoSettings(_Section):
     failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class ControlSettings(_Section):
+    """Fleet control: one desired state for every replica, in a compacted topic."""
+
+    #: Follow the control topic (fleet-scope calls, state kept across restarts).
+    enabled: bool = True
+    #: The control topic; empty = ``<groupId>.control``.
+    topic: str = ""
+    #: How often this replica publishes its report (three missed = stale).
+    heartbeat_ms: int = Field(default=5000, ge=50)
+    #: Start-up: how long to try to read the control topic before running
+    #: degraded on the configuration (and retrying).
+    startup_timeout_ms: int = Field(default=10_000, ge=100)
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        if value and (len(value) > 249 or not all(c.isalnum() or c in "._-" for c in value)):
+            raise ValueError(f"invalid topic name {value!r}")
+        return value
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     #: ``auto``: JSON when stderr is not a terminal, console otherwise.
@@ -374,6 +396,7 @@ class Settings(_Section):
     embedded: EmbeddedSettings = EmbeddedSettings()
     demo: DemoSettings = DemoSettings()
     log: LogSettings = LogSettings()
+    control: ControlSettings = ControlSettings()
 
     @_model_validator(mode="before")
     @classmethod
@@ -404,6 +427,11 @@ class Settings(_Section):
     @property
     def use_embedded_broker(self) -> bool:
         return self.embedded.enabled
+
+    @property
+    def control_topic(self) -> str:
+        """The fleet control topic (``<groupId>.control`` unless configured)."""
+        return self.control.topic or f"{self.kafka.consumer.group_id}.control"
 
 
 # -- key paths -------------------------------------------------------------------

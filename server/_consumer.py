@@ -779,6 +779,30 @@ class EventConsumer:
         self._sync_pauses()
         return sorted(released)
 
+    # ------------------------------------------------------ fleet control
+
+    def set_holds(
+        self, reason: str, partitions: Iterable[TopicPartition] | None
+    ) -> list[TopicPartition]:
+        """Hold exactly ``partitions`` for ``reason`` (all, now and later, when
+        ``None``; none when empty), replacing what it held. Partitions not
+        assigned yet are held from their assignment on (before any fetch)."""
+        held = self._pauses.set_holds(reason, partitions)
+        self._sync_pauses()
+        return sorted(held)
+
+    def holds_of(self, reason: str) -> tuple[bool, frozenset[TopicPartition]]:
+        """What ``reason`` holds: (every partition, the listed ones)."""
+        return self._pauses.holds_of(reason)
+
+    def partitions_for(self, topic: str) -> set[int] | None:
+        """The partitions of ``topic`` in the cluster metadata (``None``: unknown)."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        found = consumer.partitions_for_topic(topic)
+        return set(found) if found else None
+
     # ----------------------------------------------------------------- status
 
     @property

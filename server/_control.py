@@ -55,6 +55,15 @@ class PreconditionError(ControlError):
     """
 
 
+class ConflictError(ControlError):
+    """A concurrent change won the race (``ABORTED``): a fleet write whose
+    generation another write took first, by the control topic's order.
+
+    Not retriable as it stands: with its ``expected_generation`` the same call
+    now finds the fleet at another generation. The caller reads the fleet's
+    state again and decides afresh (gRPC's "retry at a higher level")."""
+
+
 class DrainIncompleteError(ControlError):
     """``drain`` ran out of time (``DEADLINE_EXCEEDED``).
 

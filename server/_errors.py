@@ -16,8 +16,11 @@ The subclasses live with the code that raises them:
 - :class:`server._handlers.HandlerLoadError` (the handler cannot be imported);
 - :class:`server._intake.IntakeError` (a record that is not an event);
 - :class:`server._dlq.DeadLetterSinkError` (the sink is not started or closed);
-- :class:`server._control.ControlError` (what a control target refuses) and
-  :class:`server._grpc.RpcStatusError` (a call answered with a status code).
+- :class:`server._control.ControlError` (what a control target refuses,
+  :class:`~server._control.ConflictError` among them: a lost fleet
+  compare-and-set) and :class:`server._grpc.RpcStatusError` (a call answered
+  with a status code);
+- :class:`server._fleet.FleetTopicError` (the control topic cannot be used).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ backpressure pause, the end of a backpressure pause does not undo a Pause):
   partition's *backlog*, in offset order, while the consumer submits them one
   by one, each as soon as there is room. The hold lifts by itself when the
   backlog has been emptied that way.
-- ``operator``: a ``Pause``, until a ``Resume``.
+- ``operator``: a ``Pause``, until a ``Resume``; with fleet control, the
+  fleet's operator-paused partitions (:meth:`PauseBook.set_holds` replaces
+  them with each desired state applied).
 - ``drain``: a ``Drain``, until a ``Resume`` (or the drain's ``resume_after``).
 
 Separately from the holds, once fetching stops (shutdown) every partition is
@@ -156,6 +158,32 @@ class PauseBook(Generic[P, E]):
         released = [p for p, held in before.items() if held - self._control_holds(p)]
         self._dirty.update(dict.fromkeys(released))
         return released
+
+    def set_holds(self, reason: str, partitions: Iterable[P] | None) -> list[P]:
+        """Hold exactly ``partitions`` for ``reason``, replacing what it held
+        (fleet control states the whole set each time): ``None`` holds every
+        partition, now and assigned later; an empty list holds none. Listed
+        partitions not kept yet are held from their :meth:`assign` on.
+
+        Returns the kept partitions held for ``reason`` afterwards, in
+        assignment order. ``ValueError`` for a reason other than ``operator``
+        or ``drain``.
+        """
+        self._check_reason(reason)
+        if partitions is None:
+            self._all.add(reason)
+            self._some[reason].clear()
+        else:
+            self._all.discard(reason)
+            self._some[reason] = set(partitions)
+        self._dirty.update(dict.fromkeys(self._parts))
+        return [p for p in self._parts if self._has(reason, p)]
+
+    def holds_of(self, reason: str) -> tuple[bool, frozenset[P]]:
+        """What ``reason`` holds: whether every partition, and the listed ones
+        (kept or not). ``ValueError`` for a reason other than ``operator`` or ``drain``."""
+        self._check_reason(reason)
+        return reason in self._all, frozenset(self._some[reason])
 
     @staticmethod
     def _check_reason(reason: str) -> None:

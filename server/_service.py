@@ -1,13 +1,15 @@
 """The service process: settings -> handler -> pools -> switch -> DLQ sink ->
-consumer -> /metrics -> gRPC control plane, started and stopped in order.
+/metrics -> gRPC control plane -> fleet control (the control topic read to its
+end and applied) -> consumer, started and stopped in order.
 
 :class:`Service` implements :class:`server._control.ControlTarget`, so the
 gRPC servicer drives it directly.
 
 Shutdown (``stop()``, idempotent; what SIGTERM/SIGINT trigger): health
 NOT_SERVING -> stop fetching -> wait for in-flight events up to
-``pool.drainTimeoutS`` -> commit -> leave the group -> close the pools and the
-dead-letter sink -> stop gRPC -> stop /metrics.
+``pool.drainTimeoutS`` -> commit -> leave the group -> stop fleet control
+(this replica's report tombstoned) -> close the pools and the dead-letter sink
+-> stop gRPC -> stop /metrics.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ from server._control import (
 )
 from server._dlq import DeadLetterSink
 from server._errors import ServiceError
+from server._fleet import FleetControl
+from server._fleet_metrics import FleetMetrics
+from server._fleet_service import build_fleet
 from server._handlers import load_handler
 from server._intake import Decoder
 from server._process_metrics import AsyncioTasksCollector
@@ -133,6 +138,8 @@ class Service:
         self._drain_lock = asyncio.Lock()
         self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        #: Fleet control (the control topic); ``None`` when disabled.
+        self.fleet: FleetControl | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -224,6 +231,14 @@ class Service:
         grpc_address = None
         if self._grpc_enabled:
             grpc_address = await self._start_grpc()
+        if s.control.enabled:
+            # Before the first fetch: the fleet's desired state wins over the
+            # configuration. Broker trouble does not fail the start here (the
+            # replica runs degraded on its configuration and retries); no broker
+            # at all failed above, at the dead-letter producer.
+            self.fleet = build_fleet(self, grpc_address)
+            FleetMetrics(self.fleet, self.registry, self._fleet_differences)
+            await self.fleet.start()
         await self._connect("the consumer", AIOKafkaConsumer, self._consumer.start())
         self._ready = True
         if self._grpc is not None:
@@ -330,6 +345,8 @@ class Service:
                 left = await consumer.wait_finished(self.settings.pool.drain_timeout_s)
                 await consumer.commit()
                 await consumer.close()
+            if self.fleet is not None:
+                await self.fleet.stop()
             if self._switch is not None:
                 await self._switch.close(timeout=0 if left else 1.0)
             if self._sink is not None:
@@ -408,6 +425,12 @@ class Service:
             group_id=s.kafka.consumer.group_id,
             instance=self.instance,
         )
+
+    def _fleet_differences(self) -> list[str]:
+        """How this replica differs from the fleet's desired state."""
+        if self.fleet is None or self._consumer is None or self._switch is None:
+            return []
+        return self.fleet.own_differences()
 
     def _check_ready(self) -> EventConsumer:
         if not self._ready or self._consumer is None:

@@ -12,7 +12,8 @@ Layers, outside in:
    validates arguments (raising :class:`InvalidArgumentError`), answers
    repeated ``request_id`` s from a bounded memory (``_replay.py``),
    serialises mode/rollout changes, converts to and from the protobuf
-   messages (``_convert.py``), and calls the :class:`ControlTarget`. The
+   messages (``_convert.py``), and calls the :class:`ControlTarget`, or for
+   fleet scope the fleet's control topic (``_fleet.py``). The
    dead-letter stream follows the target through a
    :class:`~server._dlq_subscription.DeadLetterSubscription`.
 3. ``grpc.health.v1.Health`` (``_health.py``: NOT_SERVING until ready, while

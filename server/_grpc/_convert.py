@@ -25,7 +25,8 @@ from server._control import (
 )
 from server._grpc._status import InvalidArgumentError
 
-#: How long SetPoolMode/SetRollout wait for in-flight aggregates by default (s).
+#: How long SetPoolMode/SetRollout wait for in-flight aggregates, and a fleet
+#: call for the replicas, by default (s).
 DEFAULT_SWITCH_WAIT: Final = 5.0
 #: The longest wait_timeout and Drain timeout accepted (s).
 MAX_DRAIN_TIMEOUT: Final = 3600.0
@@ -56,8 +57,12 @@ def mode_from_pb(value: int, field: str) -> PoolMode:
     return mode
 
 
-def wait_timeout_from_pb(request: pb.SetPoolModeRequest | pb.SetRolloutRequest) -> float:
-    """``wait_timeout`` in seconds (:data:`DEFAULT_SWITCH_WAIT` when unset)."""
+def wait_timeout_from_pb(
+    request: pb.SetPoolModeRequest | pb.SetRolloutRequest | pb.PauseRequest | pb.ResumeRequest,
+) -> float:
+    """``wait_timeout`` in seconds (:data:`DEFAULT_SWITCH_WAIT` when unset): how
+    long a switch waits for in-flight aggregates, and a fleet call for every
+    live replica to apply."""
     if not request.HasField("wait_timeout"):
         return DEFAULT_SWITCH_WAIT
     wait = seconds_from_pb(request.wait_timeout, "wait_timeout")

@@ -6,6 +6,11 @@ of :mod:`server._grpc._convert` (raising
 builds the answer with the ``*_to_pb`` helpers. Methods raise, never abort:
 the interceptor maps exceptions to status codes.
 
+Fleet scope: :func:`~server._grpc._fleet.fleet_for` decides whether a
+mutating call acts on the fleet; its branch, at the top of
+``SetPoolMode``/``SetRollout``/``Pause``/``Resume``, goes through
+:mod:`server._grpc._fleet` (the control topic) instead of the target.
+
 Adding an RPC: declare it in ``proto/`` (``make protos``), add its method
 here and its conversions to ``_convert.py``, and the target method it needs
 to :class:`~server._control.ControlTarget`. A call that changes the service
@@ -30,6 +35,7 @@ from pool import PoolMode
 from server._control import ControlTarget, DrainIncompleteError, DrainProgress
 from server._control_metrics import ControlMetrics
 from server._dlq_subscription import DeadLetterSubscription
+from server._grpc import _fleet as fleet_rpc
 from server._grpc._convert import (
     dead_letter_to_pb,
     drain_progress_to_pb,
@@ -114,7 +120,14 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: _Context
     ) -> pb.GetStatusResponse:
-        return status_to_pb(self._target.status())
+        response = status_to_pb(self._target.status())
+        fleet_rpc.add_replica_fleet_status(response, self._target)
+        return response
+
+    async def GetFleetStatus(
+        self, request: pb.GetFleetStatusRequest, context: _Context
+    ) -> pb.GetFleetStatusResponse:
+        return fleet_rpc.fleet_status(self._target)
 
     async def GetInboxDepth(
         self, request: pb.GetInboxDepthRequest, context: _Context
@@ -175,6 +188,18 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
     ) -> pb.SetPoolModeResponse:
         mode = mode_from_pb(request.mode, "mode")
         wait = wait_timeout_from_pb(request)
+        if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
+
+            async def change_fleet() -> pb.SetPoolModeResponse:
+                done, result = await fleet_rpc.write(
+                    fleet, "SetPoolMode", fleet_rpc.Change("mode", mode=mode), request, wait
+                )
+                local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
+                return pb.SetPoolModeResponse(
+                    result=switch_result_to_pb(local), fleet=result, replayed=done.replayed
+                )
+
+            return await self._replay.run("SetPoolMode", request.request_id, change_fleet)
 
         async def change() -> pb.SetPoolModeResponse:
             async with self._switch_lock:
@@ -190,6 +215,18 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         if not math.isfinite(percent) or not 0.0 <= percent <= 100.0:
             raise InvalidArgumentError(f"rollout percent must be within 0..100, got {percent!r}")
         wait = wait_timeout_from_pb(request)
+        if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
+
+            async def change_fleet() -> pb.SetRolloutResponse:
+                done, result = await fleet_rpc.write(
+                    fleet, "SetRollout", fleet_rpc.Change("rollout", rollout=percent), request, wait
+                )
+                local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
+                return pb.SetRolloutResponse(
+                    result=switch_result_to_pb(local), fleet=result, replayed=done.replayed
+                )
+
+            return await self._replay.run("SetRollout", request.request_id, change_fleet)
 
         async def change() -> pb.SetRolloutResponse:
             async with self._switch_lock:
@@ -201,6 +238,21 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
     # ---------------------------------------------------- pause/resume
     async def Pause(self, request: pb.PauseRequest, context: _Context) -> pb.PauseResponse:
         partitions = partitions_from_pb(request.partitions)
+        if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
+            fleet_rpc.check_partitions(fleet, partitions)
+            wait = wait_timeout_from_pb(request)
+            change = fleet_rpc.Change(
+                "pause", partitions=None if partitions is None else tuple(partitions)
+            )
+
+            async def pause_fleet() -> pb.PauseResponse:
+                done, result = await fleet_rpc.write(fleet, "Pause", change, request, wait)
+                paused, every = fleet_rpc.paused_to_pb(done)
+                return pb.PauseResponse(
+                    partitions=paused, all_paused=every, fleet=result, replayed=done.replayed
+                )
+
+            return await self._replay.run("Pause", request.request_id, pause_fleet)
 
         async def pause() -> pb.PauseResponse:
             paused = await self._target.pause(partitions)
@@ -210,6 +262,25 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
 
     async def Resume(self, request: pb.ResumeRequest, context: _Context) -> pb.ResumeResponse:
         partitions = partitions_from_pb(request.partitions)
+        if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
+            fleet_rpc.check_partitions(fleet, partitions)
+            wait = wait_timeout_from_pb(request)
+            change = fleet_rpc.Change(
+                "resume", partitions=None if partitions is None else tuple(partitions)
+            )
+
+            async def resume_fleet() -> pb.ResumeResponse:
+                before = fleet_rpc.paused_before(fleet)
+                done, result = await fleet_rpc.write(fleet, "Resume", change, request, wait)
+                resumed = fleet_rpc.resumed_to_pb(done, before)
+                return pb.ResumeResponse(
+                    partitions=resumed,
+                    all_paused=done.state.paused.all,
+                    fleet=result,
+                    replayed=done.replayed,
+                )
+
+            return await self._replay.run("Resume", request.request_id, resume_fleet)
 
         async def resume() -> pb.ResumeResponse:
             resumed = await self._target.resume(partitions)

@@ -8,7 +8,9 @@ every exception into a status with :func:`status_for`:
   ``INVALID_ARGUMENT``), :class:`UnauthenticatedError` and
   :class:`PermissionDeniedError` come from the token check;
 - the :class:`~server._control.ControlError` types a control target raises,
-  and the pool's drain timeout and closed pool, have one code each;
+  and the pool's drain timeout and closed pool, have one code each (a lost
+  fleet compare-and-set, :class:`~server._control.ConflictError`, is
+  ``ABORTED``);
 - anything else, a ``ValueError`` or ``TypeError`` included, is a bug of ours:
   ``INTERNAL`` with a generic message, the details in the server log.
 """
@@ -19,6 +21,7 @@ import grpc
 
 from pool import DrainTimeoutError, PoolClosedError
 from server._control import (
+    ConflictError,
     ControlError,
     DrainIncompleteError,
     NotReadyError,
@@ -70,6 +73,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         case UnknownPartitionError():
             return grpc.StatusCode.NOT_FOUND, str(exc)
+        case ConflictError():
+            return grpc.StatusCode.ABORTED, str(exc)
         case NotReadyError() | PoolClosedError():
             return grpc.StatusCode.UNAVAILABLE, str(exc) or "service not ready"
         case PreconditionError() | ControlError():

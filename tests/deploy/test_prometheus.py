@@ -78,6 +78,7 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
         "EventbusDeadLettersRising",
         "EventbusConsumerLagGrowing",
         "EventbusPartitionsPausedStuck",
+        "EventbusReplicaDiverged",
     }
     assert alerts - firing == set(), "alerts without a firing test"
     assert alerts - quiet == set(), "alerts without a not-firing test"

@@ -289,3 +289,30 @@ def test_operations_doc_documents_every_exported_metric(service: Service) -> Non
         assert row, f"{name} is not in the metrics reference"
         assert row.group(1) == kind, (name, row.group(1), kind)
     assert "| `kafka_eventbus_keyed_pool_*` | same | `worker_id`" in doc
+
+
+# ------------------------------------------------------------ fleet control
+
+
+def test_replica_diverged_alert_goes_pending_on_a_replica_scope_change_and_clears(
+    prometheus: PrometheusServer, service: Service
+) -> None:
+    def poolctl(*args: str) -> None:
+        subprocess.run(
+            [str(BIN / "poolctl"), "--target", service.grpc, *args],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
+    def alert_states() -> set[str]:
+        found = prometheus.vector('ALERTS{alertname="EventbusReplicaDiverged"}')
+        return {labels["alertstate"] for labels, _ in found}
+
+    poolctl("rollout", "70", "--replica")
+    wait_for(lambda: alert_states() == {"pending"}, 20, "EventbusReplicaDiverged pending")
+    assert prometheus.vector("kafka_eventbus_fleet_diverged")[0][1] == 1
+    poolctl("rollout", "70")  # the fleet catches up: in line again
+    wait_for(lambda: not alert_states(), 20, "EventbusReplicaDiverged cleared")
+    generation = prometheus.vector("kafka_eventbus_fleet_applied_generation")
+    assert generation[0][1] >= 1

@@ -26,6 +26,7 @@ def test_the_helper_joins_the_subsystem_prefix_and_the_typed_name() -> None:
     assert metric_name("switch", "mode") == "kafka_eventbus_pool_mode"
     assert metric_name("consumer", "lag") == "kafka_eventbus_consumer_lag"
     assert metric_name("process", "asyncio_tasks") == "kafka_eventbus_process_asyncio_tasks"
+    assert metric_name("fleet", "diverged") == "kafka_eventbus_fleet_diverged"
     assert metric_name("control", "grpc_calls_total") == "pool_control_grpc_calls_total"
 
 

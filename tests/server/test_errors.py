@@ -9,6 +9,7 @@ from server import ServiceError
 from server._broker import BrokerError
 from server._config import ConfigError
 from server._control import (
+    ConflictError,
     ControlError,
     DrainIncompleteError,
     NotReadyError,
@@ -16,6 +17,7 @@ from server._control import (
     UnknownPartitionError,
 )
 from server._dlq import DeadLetterSinkError
+from server._fleet import FleetTopicError
 from server._grpc import (
     GrpcConfigError,
     InvalidArgumentError,
@@ -42,6 +44,8 @@ ERRORS: list[tuple[type[Exception], type[Exception]]] = [
     (UnknownPartitionError, ControlError),
     (PreconditionError, ControlError),
     (DrainIncompleteError, ControlError),
+    (ConflictError, ControlError),
+    (FleetTopicError, RuntimeError),
     (RpcStatusError, Exception),
     (InvalidArgumentError, RpcStatusError),
     (UnauthenticatedError, RpcStatusError),

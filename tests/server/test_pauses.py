@@ -146,6 +146,42 @@ def test_a_revoked_partition_gets_no_calls_but_keeps_reporting_its_holds() -> No
     assert "b" not in b
 
 
+def test_set_holds_replaces_what_a_reason_held_and_leaves_the_others() -> None:
+    b = book("a", "b", "c")
+    b.hold(OPERATOR, ["a", "b"])
+    b.hold(DRAIN, ["b"])
+    assert b.take_changes() == [("a", True), ("b", True)]
+    # The fleet's paused set is now {c, later}: a resumes, b stays (drained), c pauses.
+    assert b.set_holds(OPERATOR, ["c", "later"]) == ["c"]
+    assert b.holds_of(OPERATOR) == (False, frozenset({"c", "later"}))
+    assert (b.reasons("a"), b.reasons("b"), b.reasons("c")) == ((), (DRAIN,), (OPERATOR,))
+    assert sorted(b.take_changes()) == [("a", False), ("c", True)]
+    b.assign("later")  # held from its assignment on, before any fetch
+    assert b.reasons("later") == (OPERATOR,)
+    assert b.take_changes() == [("later", True)]
+    # Every partition, now and later; then none.
+    assert b.set_holds(OPERATOR, None) == ["a", "b", "c", "later"]
+    assert b.holds_of(OPERATOR) == (True, frozenset())
+    b.assign("d")
+    assert b.reasons("d") == (OPERATOR,)
+    assert sorted(b.take_changes()) == [("a", True), ("d", True)]
+    assert b.set_holds(OPERATOR, []) == []
+    assert b.holds_of(OPERATOR) == (False, frozenset())
+    assert sorted(b.take_changes()) == [("a", False), ("c", False), ("d", False), ("later", False)]
+    assert b.reasons("b") == (DRAIN,)  # the drain's hold was never touched
+
+
+def test_set_holds_leaves_the_backlog_and_its_hold_alone() -> None:
+    b = book("a")
+    b.defer("a", 1)
+    assert b.take_changes() == [("a", True)]
+    b.set_holds(OPERATOR, None)
+    b.set_holds(OPERATOR, [])
+    assert b.reasons("a") == (BACKPRESSURE,)
+    assert list(b.backlog("a")) == [1]
+    assert b.take_changes() == []  # still held for backpressure throughout
+
+
 @pytest.mark.parametrize("reason", [BACKPRESSURE, "other"])
 def test_only_operator_and_drain_are_held_and_released_by_name(reason: str) -> None:
     b = book("a")
@@ -153,6 +189,10 @@ def test_only_operator_and_drain_are_held_and_released_by_name(reason: str) -> N
         b.hold(reason, None)
     with pytest.raises(ValueError, match="hold reason"):
         b.release([OPERATOR, reason], None)
+    with pytest.raises(ValueError, match="hold reason"):
+        b.set_holds(reason, None)
+    with pytest.raises(ValueError, match="hold reason"):
+        b.holds_of(reason)
     assert b.reasons("a") == ()
 
 
@@ -163,9 +203,10 @@ control = st.sampled_from((OPERATOR, DRAIN))
 
 
 class PauseBookMachine(RuleBasedStateMachine):
-    """Random operations; after each, the consumer's state (built only from the
-    calls the book returned) matches what the holds want, every call changes
-    something, backlogs keep their order, and no reason moves another."""
+    """Random operations (fleet control's ``set_holds`` among them); after each,
+    the consumer's state (built only from the calls the book returned) matches
+    what the holds want, every call changes something, backlogs keep their
+    order, and no reason moves another."""
 
     @initialize()
     def setup(self) -> None:
@@ -258,6 +299,25 @@ class PauseBookMachine(RuleBasedStateMachine):
                 else:
                     assert (reason in after[p]) == (reason in before[p]), (p, reason)
         assert released == [p for p in self.kept if set(before[p]) - set(after[p])]
+
+    @rule(reason=control, which=subsets)
+    def set_holds(self, reason: str, which: list[str] | None) -> None:
+        before = self._snapshot()
+        held = self.book.set_holds(reason, which)
+        self._apply()
+        after = self._snapshot()
+        if which is None:
+            self.on_all.add(reason)
+        else:
+            self.on_all.discard(reason)
+        for p in self.kept:
+            assert (reason in after[p]) == (which is None or p in which), (p, reason)
+            assert _without(after[p], reason) == _without(before[p], reason)
+        assert held == [p for p in self.kept if reason in after[p]]
+        assert self.book.holds_of(reason) == (
+            which is None,
+            frozenset(which or ()),
+        )
 
     @precondition(lambda self: any(not r for r in self.kept.values()))
     @rule(data=st.data())

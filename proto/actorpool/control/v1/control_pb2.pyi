@@ -3,8 +3,12 @@
 isort:skip_file
 Control API of the Kafka actor-pool service.
 
-Every replica serves this API for itself; to act on a consumer group, call
-each replica (poolctl --target A --target B ...).
+Every replica serves this API. Mutating calls carry a Scope: SCOPE_REPLICA
+acts on the replica called; SCOPE_FLEET writes the fleet's desired state to
+the compacted control topic ("<groupId>.control"), which every replica of
+the consumer group applies (at start-up before its first fetch, and live
+afterwards). SCOPE_UNSPECIFIED means fleet when the control topic is
+enabled, else replica.
 
 Auth: send "authorization: Bearer <token>" metadata. Reads accept the read
 or the admin token; mutating calls (SetPoolMode, SetRollout, Drain, Pause,
@@ -33,6 +37,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Scope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCOPE_UNSPECIFIED: _Scope.ValueType  # 0
+    """Fleet when the control topic is enabled, else replica."""
+    SCOPE_REPLICA: _Scope.ValueType  # 1
+    """This replica only (until the next fleet state overrides it)."""
+    SCOPE_FLEET: _Scope.ValueType  # 2
+    """Every replica of the consumer group, through the control topic."""
+
+class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
+    """Where a mutating call acts."""
+
+SCOPE_UNSPECIFIED: Scope.ValueType  # 0
+"""Fleet when the control topic is enabled, else replica."""
+SCOPE_REPLICA: Scope.ValueType  # 1
+"""This replica only (until the next fleet state overrides it)."""
+SCOPE_FLEET: Scope.ValueType  # 2
+"""Every replica of the consumer group, through the control topic."""
+Global___Scope: _TypeAlias = Scope  # noqa: Y015
+
 class _PoolMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -53,6 +81,32 @@ POOL_MODE_KEYED: PoolMode.ValueType  # 1
 POOL_MODE_ACTOR: PoolMode.ValueType  # 2
 """Supervised actor pool: N actors, restarts with a budget, dead letters."""
 Global___PoolMode: _TypeAlias = PoolMode  # noqa: Y015
+
+class _ReplicaOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplicaOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicaOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLICA_OUTCOME_UNSPECIFIED: _ReplicaOutcome.ValueType  # 0
+    REPLICA_OUTCOME_APPLIED: _ReplicaOutcome.ValueType  # 1
+    """It reported the generation applied."""
+    REPLICA_OUTCOME_PENDING: _ReplicaOutcome.ValueType  # 2
+    """Not yet when the call returned (wait_timeout reached)."""
+    REPLICA_OUTCOME_FAILED: _ReplicaOutcome.ValueType  # 3
+    """It reported an error applying the generation."""
+
+class ReplicaOutcome(_ReplicaOutcome, metaclass=_ReplicaOutcomeEnumTypeWrapper):
+    """How one replica took a fleet write."""
+
+REPLICA_OUTCOME_UNSPECIFIED: ReplicaOutcome.ValueType  # 0
+REPLICA_OUTCOME_APPLIED: ReplicaOutcome.ValueType  # 1
+"""It reported the generation applied."""
+REPLICA_OUTCOME_PENDING: ReplicaOutcome.ValueType  # 2
+"""Not yet when the call returned (wait_timeout reached)."""
+REPLICA_OUTCOME_FAILED: ReplicaOutcome.ValueType  # 3
+"""It reported an error applying the generation."""
+Global___ReplicaOutcome: _TypeAlias = ReplicaOutcome  # noqa: Y015
 
 @_typing.final
 class TopicPartition(_message.Message):
@@ -206,6 +260,7 @@ class GetStatusResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     GROUP_ID_FIELD_NUMBER: _builtins.int
     INSTANCE_FIELD_NUMBER: _builtins.int
+    FLEET_FIELD_NUMBER: _builtins.int
     mode: Global___PoolMode.ValueType
     rollout_percent: _builtins.float
     generation: _builtins.int
@@ -228,6 +283,10 @@ class GetStatusResponse(_message.Message):
     def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolStatus]: ...
     @_builtins.property
     def uptime(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def fleet(self) -> Global___ReplicaFleetStatus:
+        """This replica against the fleet's desired state."""
+
     def __init__(
         self,
         *,
@@ -246,14 +305,62 @@ class GetStatusResponse(_message.Message):
         draining: _builtins.bool = ...,
         group_id: _builtins.str = ...,
         instance: _builtins.str = ...,
+        fleet: Global___ReplicaFleetStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "uptime", b"uptime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet", "since", b"since", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "draining", b"draining", "generation", b"generation", "group_id", b"group_id", "in_flight", b"in_flight", "instance", b"instance", "mode", b"mode", "partitions", b"partitions", "pools", b"pools", "ready", b"ready", "restarts", b"restarts", "rollout_percent", b"rollout_percent", "since", b"since", "uptime", b"uptime", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "draining", b"draining", "fleet", b"fleet", "generation", b"generation", "group_id", b"group_id", "in_flight", b"in_flight", "instance", b"instance", "mode", b"mode", "partitions", b"partitions", "pools", b"pools", "ready", b"ready", "restarts", b"restarts", "rollout_percent", b"rollout_percent", "since", b"since", "uptime", b"uptime", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaFleetStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    DESIRED_GENERATION_FIELD_NUMBER: _builtins.int
+    APPLIED_GENERATION_FIELD_NUMBER: _builtins.int
+    DIVERGED_FIELD_NUMBER: _builtins.int
+    DIFFERENCES_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    DEGRADED_REASON_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Whether the control topic is enabled on this replica."""
+    desired_generation: _builtins.int
+    """The generation of the fleet's desired state this replica knows."""
+    applied_generation: _builtins.int
+    """The generation this replica last applied."""
+    diverged: _builtins.bool
+    """This replica differs from the desired state (see differences)."""
+    degraded: _builtins.bool
+    """The control topic could not be read: the replica runs on its
+    configuration (or the last state it read) and keeps retrying.
+    """
+    degraded_reason: _builtins.str
+    @_builtins.property
+    def differences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What differs, e.g. "mode keyed, fleet actor"."""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        desired_generation: _builtins.int = ...,
+        applied_generation: _builtins.int = ...,
+        diverged: _builtins.bool = ...,
+        differences: _abc.Iterable[_builtins.str] | None = ...,
+        degraded: _builtins.bool = ...,
+        degraded_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "degraded", b"degraded", "degraded_reason", b"degraded_reason", "desired_generation", b"desired_generation", "differences", b"differences", "diverged", b"diverged", "enabled", b"enabled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaFleetStatus: _TypeAlias = ReplicaFleetStatus  # noqa: Y015
 
 @_typing.final
 class SwitchResult(_message.Message):
@@ -307,12 +414,23 @@ class SetPoolModeRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
     mode: Global___PoolMode.ValueType
     request_id: _builtins.str
+    scope: Global___Scope.ValueType
+    """Where the call acts (see Scope)."""
+    expected_generation: _builtins.int
+    """Fleet scope only: compare-and-set. The write happens only if the fleet's
+    desired state is at this generation; otherwise FAILED_PRECONDITION naming
+    the current one, or ABORTED when a concurrent write took the generation
+    first (the control topic's order decides).
+    """
     @_builtins.property
     def wait_timeout(self) -> _duration_pb2.Duration:
         """How long to wait for aggregates with events in flight in the old pool
         before returning (their new events stay held, in order). Default 5 s.
+        Fleet scope: how long to wait for every live replica to apply.
         """
 
     def __init__(
@@ -321,12 +439,16 @@ class SetPoolModeRequest(_message.Message):
         mode: Global___PoolMode.ValueType = ...,
         request_id: _builtins.str = ...,
         wait_timeout: _duration_pb2.Duration | None = ...,
+        scope: Global___Scope.ValueType = ...,
+        expected_generation: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "request_id", b"request_id", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "mode", b"mode", "request_id", b"request_id", "scope", b"scope", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_generation: _TypeAlias = _typing.Literal["expected_generation"]  # noqa: Y015
+    _WhichOneofArgType__expected_generation: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_generation) -> _WhichOneofReturnType__expected_generation | None: ...
 
 Global___SetPoolModeRequest: _TypeAlias = SetPoolModeRequest  # noqa: Y015
 
@@ -336,18 +458,26 @@ class SetPoolModeResponse(_message.Message):
 
     RESULT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    FLEET_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     @_builtins.property
-    def result(self) -> Global___SwitchResult: ...
+    def result(self) -> Global___SwitchResult:
+        """This replica's switch (fleet scope: as it applied the new generation)."""
+
+    @_builtins.property
+    def fleet(self) -> Global___FleetResult:
+        """Fleet scope: the generation written and one result per replica."""
+
     def __init__(
         self,
         *,
         result: Global___SwitchResult | None = ...,
         replayed: _builtins.bool = ...,
+        fleet: Global___FleetResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet", "replayed", b"replayed", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,8 +490,18 @@ class SetRolloutRequest(_message.Message):
     PERCENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
     percent: _builtins.float
     request_id: _builtins.str
+    scope: Global___Scope.ValueType
+    """Where the call acts (see Scope)."""
+    expected_generation: _builtins.int
+    """Fleet scope only: compare-and-set. The write happens only if the fleet's
+    desired state is at this generation; otherwise FAILED_PRECONDITION naming
+    the current one, or ABORTED when a concurrent write took the generation
+    first (the control topic's order decides).
+    """
     @_builtins.property
     def wait_timeout(self) -> _duration_pb2.Duration: ...
     def __init__(
@@ -370,12 +510,16 @@ class SetRolloutRequest(_message.Message):
         percent: _builtins.float = ...,
         request_id: _builtins.str = ...,
         wait_timeout: _duration_pb2.Duration | None = ...,
+        scope: Global___Scope.ValueType = ...,
+        expected_generation: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["percent", b"percent", "request_id", b"request_id", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "percent", b"percent", "request_id", b"request_id", "scope", b"scope", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_generation: _TypeAlias = _typing.Literal["expected_generation"]  # noqa: Y015
+    _WhichOneofArgType__expected_generation: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_generation) -> _WhichOneofReturnType__expected_generation | None: ...
 
 Global___SetRolloutRequest: _TypeAlias = SetRolloutRequest  # noqa: Y015
 
@@ -385,22 +529,98 @@ class SetRolloutResponse(_message.Message):
 
     RESULT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    FLEET_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     @_builtins.property
     def result(self) -> Global___SwitchResult: ...
+    @_builtins.property
+    def fleet(self) -> Global___FleetResult: ...
     def __init__(
         self,
         *,
         result: Global___SwitchResult | None = ...,
         replayed: _builtins.bool = ...,
+        fleet: Global___FleetResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet", "replayed", b"replayed", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetRolloutResponse: _TypeAlias = SetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    GRPC_ADDRESS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    APPLIED_GENERATION_FIELD_NUMBER: _builtins.int
+    TOOK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    instance: _builtins.str
+    grpc_address: _builtins.str
+    outcome: Global___ReplicaOutcome.ValueType
+    applied_generation: _builtins.int
+    error: _builtins.str
+    @_builtins.property
+    def took(self) -> _duration_pb2.Duration:
+        """From the call's start until its report of the generation was read."""
+
+    def __init__(
+        self,
+        *,
+        instance: _builtins.str = ...,
+        grpc_address: _builtins.str = ...,
+        outcome: Global___ReplicaOutcome.ValueType = ...,
+        applied_generation: _builtins.int = ...,
+        took: _duration_pb2.Duration | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["took", b"took"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "error", b"error", "grpc_address", b"grpc_address", "instance", b"instance", "outcome", b"outcome", "took", b"took"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaResult: _TypeAlias = ReplicaResult  # noqa: Y015
+
+@_typing.final
+class FleetResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_GENERATION_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    TOOK_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    """The desired state's generation after the call."""
+    previous_generation: _builtins.int
+    complete: _builtins.bool
+    """Every live replica applied it (none pending or failed)."""
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaResult]: ...
+    @_builtins.property
+    def took(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+        previous_generation: _builtins.int = ...,
+        complete: _builtins.bool = ...,
+        replicas: _abc.Iterable[Global___ReplicaResult] | None = ...,
+        took: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["took", b"took"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "generation", b"generation", "previous_generation", b"previous_generation", "replicas", b"replicas", "took", b"took"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetResult: _TypeAlias = FleetResult  # noqa: Y015
 
 @_typing.final
 class GetInboxDepthRequest(_message.Message):
@@ -729,20 +949,40 @@ class PauseRequest(_message.Message):
 
     PARTITIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    scope: Global___Scope.ValueType
+    """Where the call acts (see Scope)."""
+    expected_generation: _builtins.int
+    """Fleet scope only: compare-and-set. The write happens only if the fleet's
+    desired state is at this generation; otherwise FAILED_PRECONDITION naming
+    the current one, or ABORTED when a concurrent write took the generation
+    first (the control topic's order decides).
+    """
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]: ...
+    @_builtins.property
+    def wait_timeout(self) -> _duration_pb2.Duration:
+        """Fleet scope: how long to wait for every live replica to apply. Default 5 s."""
+
     def __init__(
         self,
         *,
         partitions: _abc.Iterable[Global___TopicPartition] | None = ...,
         request_id: _builtins.str = ...,
+        scope: Global___Scope.ValueType = ...,
+        expected_generation: _builtins.int | None = ...,
+        wait_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "partitions", b"partitions", "request_id", b"request_id", "scope", b"scope", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_generation: _TypeAlias = _typing.Literal["expected_generation"]  # noqa: Y015
+    _WhichOneofArgType__expected_generation: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_generation) -> _WhichOneofReturnType__expected_generation | None: ...
 
 Global___PauseRequest: _TypeAlias = PauseRequest  # noqa: Y015
 
@@ -752,20 +992,29 @@ class PauseResponse(_message.Message):
 
     PARTITIONS_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    FLEET_FIELD_NUMBER: _builtins.int
+    ALL_PAUSED_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
+    all_paused: _builtins.bool
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]:
-        """Partitions now paused by the operator."""
+        """Partitions now paused by the operator (fleet scope: the fleet's
+        operator-paused partitions; all_paused when the whole fleet is).
+        """
 
+    @_builtins.property
+    def fleet(self) -> Global___FleetResult: ...
     def __init__(
         self,
         *,
         partitions: _abc.Iterable[Global___TopicPartition] | None = ...,
         replayed: _builtins.bool = ...,
+        fleet: Global___FleetResult | None = ...,
+        all_paused: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_paused", b"all_paused", "fleet", b"fleet", "partitions", b"partitions", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -777,20 +1026,38 @@ class ResumeRequest(_message.Message):
 
     PARTITIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    scope: Global___Scope.ValueType
+    """Where the call acts (see Scope)."""
+    expected_generation: _builtins.int
+    """Fleet scope only: compare-and-set. The write happens only if the fleet's
+    desired state is at this generation; otherwise FAILED_PRECONDITION naming
+    the current one, or ABORTED when a concurrent write took the generation
+    first (the control topic's order decides).
+    """
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]: ...
+    @_builtins.property
+    def wait_timeout(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
         partitions: _abc.Iterable[Global___TopicPartition] | None = ...,
         request_id: _builtins.str = ...,
+        scope: Global___Scope.ValueType = ...,
+        expected_generation: _builtins.int | None = ...,
+        wait_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation", "expected_generation", b"expected_generation", "partitions", b"partitions", "request_id", b"request_id", "scope", b"scope", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_generation: _TypeAlias = _typing.Literal["expected_generation"]  # noqa: Y015
+    _WhichOneofArgType__expected_generation: _TypeAlias = _typing.Literal["_expected_generation", b"_expected_generation"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_generation) -> _WhichOneofReturnType__expected_generation | None: ...
 
 Global___ResumeRequest: _TypeAlias = ResumeRequest  # noqa: Y015
 
@@ -800,18 +1067,29 @@ class ResumeResponse(_message.Message):
 
     PARTITIONS_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    FLEET_FIELD_NUMBER: _builtins.int
+    ALL_PAUSED_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
+    all_paused: _builtins.bool
     @_builtins.property
-    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]: ...
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]:
+        """Partitions resumed (fleet scope: the fleet's operator-paused partitions
+        left; all_paused when the whole fleet still is).
+        """
+
+    @_builtins.property
+    def fleet(self) -> Global___FleetResult: ...
     def __init__(
         self,
         *,
         partitions: _abc.Iterable[Global___TopicPartition] | None = ...,
         replayed: _builtins.bool = ...,
+        fleet: Global___FleetResult | None = ...,
+        all_paused: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_paused", b"all_paused", "fleet", b"fleet", "partitions", b"partitions", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1141,3 +1419,287 @@ class RedriveDeadLettersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedriveDeadLettersResponse: _TypeAlias = RedriveDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class GetFleetStatusRequest(_message.Message):
+    """------------------------------------------------------------------ Fleet"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFleetStatusRequest: _TypeAlias = GetFleetStatusRequest  # noqa: Y015
+
+@_typing.final
+class ReplicaStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    DIVERGED_FIELD_NUMBER: _builtins.int
+    DIFFERENCES_FIELD_NUMBER: _builtins.int
+    AGE_FIELD_NUMBER: _builtins.int
+    stale: _builtins.bool
+    """No report for three heartbeats (it may be dead)."""
+    diverged: _builtins.bool
+    """Its report differs from the desired state."""
+    @_builtins.property
+    def report(self) -> Global___ReplicaReport: ...
+    @_builtins.property
+    def differences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def age(self) -> _duration_pb2.Duration:
+        """Age of the report when read by the replica answering."""
+
+    def __init__(
+        self,
+        *,
+        report: Global___ReplicaReport | None = ...,
+        stale: _builtins.bool = ...,
+        diverged: _builtins.bool = ...,
+        differences: _abc.Iterable[_builtins.str] | None = ...,
+        age: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "differences", b"differences", "diverged", b"diverged", "report", b"report", "stale", b"stale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaStatus: _TypeAlias = ReplicaStatus  # noqa: Y015
+
+@_typing.final
+class GetFleetStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    DESIRED_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    DEGRADED_REASON_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    topic: _builtins.str
+    degraded: _builtins.bool
+    """The answering replica cannot read the control topic."""
+    degraded_reason: _builtins.str
+    instance: _builtins.str
+    @_builtins.property
+    def desired(self) -> Global___FleetDesiredState:
+        """Unset while the fleet has no desired state yet (configuration applies)."""
+
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        topic: _builtins.str = ...,
+        desired: Global___FleetDesiredState | None = ...,
+        replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
+        degraded: _builtins.bool = ...,
+        degraded_reason: _builtins.str = ...,
+        instance: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["desired", b"desired"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "degraded_reason", b"degraded_reason", "desired", b"desired", "enabled", b"enabled", "instance", b"instance", "replicas", b"replicas", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFleetStatusResponse: _TypeAlias = GetFleetStatusResponse  # noqa: Y015
+
+@_typing.final
+class FleetDesiredState(_message.Message):
+    """Records of the control topic (1 partition, cleanup.policy=compact), so any
+    client can read it. Key "desired" -> FleetDesiredState; key
+    "replica/<instance>" -> ReplicaReport (a tombstone when it stops cleanly).
+
+    Compare-and-set by the topic's order: every desired record names the
+    generation it replaces (base_generation). Read in order, a record is
+    accepted only if base_generation is the current generation and its
+    request_id is not among recent_requests; any other record is void and
+    changes nothing. A restatement (change "restate", generation ==
+    base_generation) repeats the current state after a void record, so the
+    latest "desired" record - what compaction keeps - is always the accepted
+    state.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    BASE_GENERATION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_PERCENT_FIELD_NUMBER: _builtins.int
+    PAUSED_ALL_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    RESUMED_ALL_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WRITE_ID_FIELD_NUMBER: _builtins.int
+    WRITER_FIELD_NUMBER: _builtins.int
+    CALLER_ROLE_FIELD_NUMBER: _builtins.int
+    CALLER_PEER_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    RECENT_REQUESTS_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    base_generation: _builtins.int
+    mode: Global___PoolMode.ValueType
+    rollout_percent: _builtins.float
+    paused_all: _builtins.bool
+    """Partitions paused by operators, fleet-wide (all: every partition)."""
+    change: _builtins.str
+    """What this write changed: "mode", "rollout", "pause", "resume", "restate"."""
+    resumed_all: _builtins.bool
+    """What a "resume" write resumed (drain pauses are lifted there too)."""
+    request_id: _builtins.str
+    write_id: _builtins.str
+    """Unique per write attempt: how its writer recognises it."""
+    writer: _builtins.str
+    """The replica that wrote it, and who asked."""
+    caller_role: _builtins.str
+    caller_peer: _builtins.str
+    @_builtins.property
+    def paused(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]: ...
+    @_builtins.property
+    def resumed(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]: ...
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def recent_requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecentRequest]:
+        """Request IDs of the latest accepted writes (a retry is answered from here)."""
+
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+        base_generation: _builtins.int = ...,
+        mode: Global___PoolMode.ValueType = ...,
+        rollout_percent: _builtins.float = ...,
+        paused_all: _builtins.bool = ...,
+        paused: _abc.Iterable[Global___TopicPartition] | None = ...,
+        change: _builtins.str = ...,
+        resumed_all: _builtins.bool = ...,
+        resumed: _abc.Iterable[Global___TopicPartition] | None = ...,
+        request_id: _builtins.str = ...,
+        write_id: _builtins.str = ...,
+        writer: _builtins.str = ...,
+        caller_role: _builtins.str = ...,
+        caller_peer: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        recent_requests: _abc.Iterable[Global___RecentRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_generation", b"base_generation", "caller_peer", b"caller_peer", "caller_role", b"caller_role", "change", b"change", "generation", b"generation", "mode", b"mode", "paused", b"paused", "paused_all", b"paused_all", "recent_requests", b"recent_requests", "request_id", b"request_id", "resumed", b"resumed", "resumed_all", b"resumed_all", "rollout_percent", b"rollout_percent", "time", b"time", "write_id", b"write_id", "writer", b"writer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetDesiredState: _TypeAlias = FleetDesiredState  # noqa: Y015
+
+@_typing.final
+class RecentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    generation: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecentRequest: _TypeAlias = RecentRequest  # noqa: Y015
+
+@_typing.final
+class ReplicaReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    GRPC_ADDRESS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    APPLIED_GENERATION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_PERCENT_FIELD_NUMBER: _builtins.int
+    ASSIGNED_FIELD_NUMBER: _builtins.int
+    LAG_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    FAILED_GENERATION_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    PAUSED_ALL_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    instance: _builtins.str
+    grpc_address: _builtins.str
+    version: _builtins.str
+    applied_generation: _builtins.int
+    mode: Global___PoolMode.ValueType
+    rollout_percent: _builtins.float
+    lag: _builtins.int
+    in_flight: _builtins.int
+    draining: _builtins.bool
+    last_error: _builtins.str
+    failed_generation: _builtins.int
+    """The generation last_error is about (0 = none)."""
+    paused_all: _builtins.bool
+    """Operator-paused partitions on this replica (paused_all: every one)."""
+    heartbeat_seconds: _builtins.float
+    """Seconds between reports: three without one mark it stale."""
+    degraded: _builtins.bool
+    group_id: _builtins.str
+    @_builtins.property
+    def assigned(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]: ...
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def paused(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]: ...
+    def __init__(
+        self,
+        *,
+        instance: _builtins.str = ...,
+        grpc_address: _builtins.str = ...,
+        version: _builtins.str = ...,
+        applied_generation: _builtins.int = ...,
+        mode: Global___PoolMode.ValueType = ...,
+        rollout_percent: _builtins.float = ...,
+        assigned: _abc.Iterable[Global___TopicPartition] | None = ...,
+        lag: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        draining: _builtins.bool = ...,
+        last_error: _builtins.str = ...,
+        failed_generation: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        paused_all: _builtins.bool = ...,
+        paused: _abc.Iterable[Global___TopicPartition] | None = ...,
+        heartbeat_seconds: _builtins.float = ...,
+        degraded: _builtins.bool = ...,
+        group_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "assigned", b"assigned", "degraded", b"degraded", "draining", b"draining", "failed_generation", b"failed_generation", "group_id", b"group_id", "grpc_address", b"grpc_address", "heartbeat_seconds", b"heartbeat_seconds", "in_flight", b"in_flight", "instance", b"instance", "lag", b"lag", "last_error", b"last_error", "mode", b"mode", "paused", b"paused", "paused_all", b"paused_all", "rollout_percent", b"rollout_percent", "time", b"time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaReport: _TypeAlias = ReplicaReport  # noqa: Y015

@@ -79,6 +79,11 @@ class PoolControlStub:
                 request_serializer=actorpool_dot_control_dot_v1_dot_control__pb2.RedriveDeadLettersRequest.SerializeToString,
                 response_deserializer=actorpool_dot_control_dot_v1_dot_control__pb2.RedriveDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.GetFleetStatus = channel.unary_unary(
+                '/actorpool.control.v1.PoolControl/GetFleetStatus',
+                request_serializer=actorpool_dot_control_dot_v1_dot_control__pb2.GetFleetStatusRequest.SerializeToString,
+                response_deserializer=actorpool_dot_control_dot_v1_dot_control__pb2.GetFleetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class PoolControlServicer:
@@ -155,6 +160,14 @@ class PoolControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFleetStatus(self, request, context):
+        """The fleet's desired state and every replica's latest report (live or
+        stale), as read from the control topic. Read token suffices.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoolControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +215,11 @@ def add_PoolControlServicer_to_server(servicer, server):
                     servicer.RedriveDeadLetters,
                     request_deserializer=actorpool_dot_control_dot_v1_dot_control__pb2.RedriveDeadLettersRequest.FromString,
                     response_serializer=actorpool_dot_control_dot_v1_dot_control__pb2.RedriveDeadLettersResponse.SerializeToString,
+            ),
+            'GetFleetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFleetStatus,
+                    request_deserializer=actorpool_dot_control_dot_v1_dot_control__pb2.GetFleetStatusRequest.FromString,
+                    response_serializer=actorpool_dot_control_dot_v1_dot_control__pb2.GetFleetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +465,33 @@ class PoolControl:
             '/actorpool.control.v1.PoolControl/RedriveDeadLetters',
             actorpool_dot_control_dot_v1_dot_control__pb2.RedriveDeadLettersRequest.SerializeToString,
             actorpool_dot_control_dot_v1_dot_control__pb2.RedriveDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFleetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actorpool.control.v1.PoolControl/GetFleetStatus',
+            actorpool_dot_control_dot_v1_dot_control__pb2.GetFleetStatusRequest.SerializeToString,
+            actorpool_dot_control_dot_v1_dot_control__pb2.GetFleetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

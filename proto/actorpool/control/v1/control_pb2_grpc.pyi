@@ -3,8 +3,12 @@
 isort:skip_file
 Control API of the Kafka actor-pool service.
 
-Every replica serves this API for itself; to act on a consumer group, call
-each replica (poolctl --target A --target B ...).
+Every replica serves this API. Mutating calls carry a Scope: SCOPE_REPLICA
+acts on the replica called; SCOPE_FLEET writes the fleet's desired state to
+the compacted control topic ("<groupId>.control"), which every replica of
+the consumer group applies (at start-up before its first fetch, and live
+afterwards). SCOPE_UNSPECIFIED means fleet when the control topic is
+enabled, else replica.
 
 Auth: send "authorization: Bearer <token>" metadata. Reads accept the read
 or the admin token; mutating calls (SetPoolMode, SetRollout, Drain, Pause,
@@ -73,6 +77,10 @@ class PoolControlStub:
     """
     RedriveDeadLetters: _grpc.UnaryUnaryMultiCallable[_control_pb2.RedriveDeadLettersRequest, _control_pb2.RedriveDeadLettersResponse]
     """Republish dead letters (by ids or filter) to their original topic."""
+    GetFleetStatus: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetFleetStatusRequest, _control_pb2.GetFleetStatusResponse]
+    """The fleet's desired state and every replica's latest report (live or
+    stale), as read from the control topic. Read token suffices.
+    """
 
 @_typing.type_check_only
 class PoolControlAsyncStub(PoolControlStub):
@@ -107,6 +115,10 @@ class PoolControlAsyncStub(PoolControlStub):
     """
     RedriveDeadLetters: _aio.UnaryUnaryMultiCallable[_control_pb2.RedriveDeadLettersRequest, _control_pb2.RedriveDeadLettersResponse]  # type: ignore[assignment]
     """Republish dead letters (by ids or filter) to their original topic."""
+    GetFleetStatus: _aio.UnaryUnaryMultiCallable[_control_pb2.GetFleetStatusRequest, _control_pb2.GetFleetStatusResponse]  # type: ignore[assignment]
+    """The fleet's desired state and every replica's latest report (live or
+    stale), as read from the control topic. Read token suffices.
+    """
 
 class PoolControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -192,5 +204,15 @@ class PoolControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.RedriveDeadLettersResponse, _abc.Awaitable[_control_pb2.RedriveDeadLettersResponse]]:
         """Republish dead letters (by ids or filter) to their original topic."""
+
+    @_abc_1.abstractmethod
+    def GetFleetStatus(
+        self,
+        request: _control_pb2.GetFleetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.GetFleetStatusResponse, _abc.Awaitable[_control_pb2.GetFleetStatusResponse]]:
+        """The fleet's desired state and every replica's latest report (live or
+        stale), as read from the control topic. Read token suffices.
+        """
 
 def add_PoolControlServicer_to_server(servicer: PoolControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,223 @@
+"""Campaign: fleet switches through random replicas of a three-replica group,
+with a kill -9 of a random replica every 20 switches."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from typing import Any
+
+from actorpool.control.v1 import control_pb2 as pb
+
+from bench.campaigns._harness import (
+    ServiceProcess,
+    SteadyProducer,
+    account,
+    campaign_env,
+    committed_offsets,
+    ends_of,
+    num,
+    percentile,
+    read_records,
+    read_topic,
+    result,
+)
+
+NAME = "fleet_storm"
+DESCRIPTION = (
+    "Three replicas of one group; fleet-scope SetPoolMode / SetRollout through a "
+    "random replica under load, a kill -9 (and restart) of a random replica every "
+    "20 switches; latency from the call until every live replica applied."
+)
+ORDER = 40
+TIMEOUT_S = 600
+
+ROLLOUTS = (0.0, 10.0, 25.0, 50.0, 75.0, 100.0)
+#: Reports every 200 ms: a killed replica is stale (no longer waited for) 600 ms
+#: after its last report. With the default 5 s, the first switch after a crash
+#: waits for the dead replica up to its wait timeout (and reports it pending).
+HEARTBEAT_MS = 200
+TARGET_P99_MS = 250.0
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    switches = 20 if quick else 100
+    kill_every = 10 if quick else 20
+    rate = 2_000 if quick else 10_000
+    partitions, aggregates = 6, 900
+    gap = 0.1
+    rng = random.Random(11)
+    async with campaign_env(NAME) as env:
+        topic = await env.topic(partitions)
+        record = env.workdir / "fleet.records"
+        replicas: list[ServiceProcess] = []
+        for i in range(3):
+            svc = env.service(
+                topic,
+                name=f"replica{i}",
+                mode="keyed",
+                latency_ms=1.0,
+                settings={"control.heartbeatMs": HEARTBEAT_MS},
+            )
+            svc.record = record
+            replicas.append(svc)
+        await asyncio.gather(*(svc.start(wait_assigned=False) for svc in replicas))
+        producer = SteadyProducer(
+            env.bootstrap, topic, partitions=partitions, aggregates=aggregates
+        )
+        stop = asyncio.Event()
+        produce = asyncio.ensure_future(producer.run(rate, seconds=600, stop=stop))
+        took_ms: list[float] = []
+        other_ms: list[float] = []
+        first_after_kill_ms: list[float] = []
+        slow: list[dict[str, Any]] = []
+        incomplete = 0
+        applied_by: list[int] = []
+        kills: list[str] = []
+        killed_at = -1.0
+        victim: ServiceProcess | None = None
+        restarting: asyncio.Future[None] | None = None
+        mode = "keyed"
+        kinds = {"mode": 0, "rollout": 0}
+        errors: list[str] = []
+        try:
+            await asyncio.sleep(1.0)  # the stream is flowing, every replica reported
+            for n in range(switches):
+                if n and n % kill_every == 0:
+                    if restarting is not None:
+                        await restarting
+                    victim = rng.choice(replicas)
+                    victim.kill(signal.SIGKILL)
+                    kills.append(victim.name)
+                    killed_at = time.monotonic()
+                    # Restarted in the background: the switches go on without it, and
+                    # the first ones wait for its report until it is stale.
+                    restarting = asyncio.ensure_future(victim.start(wait_assigned=False))
+                await asyncio.sleep(rng.uniform(0, 2 * gap))
+                up = [
+                    s
+                    for s in replicas
+                    if s is not victim or restarting is None or restarting.done()
+                ]
+                through = rng.choice(up)
+                call_started = time.monotonic()
+                try:
+                    async with through.client(timeout=30) as client:
+                        if rng.random() < 0.5:
+                            mode = "actor" if mode == "keyed" else "keyed"
+                            fleet = (await client.set_mode(mode, wait_timeout=10)).fleet
+                            kinds["mode"] += 1
+                        else:
+                            rollout = rng.choice(ROLLOUTS)
+                            fleet = (await client.set_rollout(rollout, wait_timeout=10)).fleet
+                            kinds["rollout"] += 1
+                except Exception as exc:
+                    errors.append(f"switch {n} through {through.name}: {exc!r}")
+                    continue
+                ms = (time.monotonic() - call_started) * 1000
+                took_ms.append(ms)
+                since_kill = call_started - killed_at if killed_at >= 0 else -1.0
+                # The first switch after a kill waits for the dead replica's report
+                # to go stale (three heartbeats).
+                (first_after_kill_ms if n and n % kill_every == 0 else other_ms).append(ms)
+                if ms > TARGET_P99_MS:
+                    slow.append(
+                        {
+                            "switch": n,
+                            "ms": round(ms, 1),
+                            "s_since_kill": round(since_kill, 2),
+                            "through": through.name,
+                        }
+                    )
+                if not fleet.complete:
+                    incomplete += 1
+                applied_by.append(
+                    sum(r.outcome == pb.REPLICA_OUTCOME_APPLIED for r in fleet.replicas)
+                )
+            if restarting is not None:
+                await restarting
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            stats = await produce
+        truth = await read_topic(env.bootstrap, topic)
+        keys = {(r.partition, r.offset) for r in truth}
+        caught_up = await env.wait_handled(record, keys, timeout=120)
+        codes = [await svc.stop() for svc in replicas]
+        records = read_records(record)
+        acc = account(truth, records)
+        ends = ends_of(truth, partitions)
+        committed = await committed_offsets(env.bootstrap, replicas[0].group, topic, partitions)
+    p50, p99 = percentile(took_ms, 0.5), percentile(took_ms, 0.99)
+    failures = []
+    if acc.lost or acc.reordered or acc.overlapped or acc.unexpected:
+        failures.append(f"accounting: {acc.as_dict()}")
+    if committed != ends:
+        failures.append(f"committed {committed} != ends {ends}")
+    if any(codes):
+        failures.append(f"exit codes {codes}")
+    if errors:
+        failures.append(f"{len(errors)} switches failed: {errors[:3]}")
+    if incomplete:
+        failures.append(f"{incomplete} switches not applied by every live replica in time")
+    if p99 > TARGET_P99_MS:
+        failures.append(f"fleet switch p99 {p99:.1f} ms above the {TARGET_P99_MS:g} ms target")
+    return result(
+        NAME,
+        tried=(
+            f"{switches} fleet switches through random replicas of 3, "
+            f"kill -9 of a random replica every {kill_every}"
+        ),
+        amount=(
+            f"{switches} switches ({kinds['mode']} mode, {kinds['rollout']} rollout), "
+            f"{len(kills)} kill -9, {num(len(truth))} events at {num(stats.rate)}/s "
+            f"(target {num(rate)}/s); switch p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+        ),
+        accounting=acc,
+        passed=not failures,
+        seconds=time.monotonic() - started,
+        failures=failures,
+        details={
+            "target_rate_per_s": rate,
+            "produced": stats.as_dict(),
+            "catch_up_after_production_s": round(caught_up, 2),
+            "fleet_switch_ms": {
+                "p50": round(p50, 1),
+                "p99": round(p99, 1),
+                "max": round(max(took_ms, default=0), 1),
+                "target_p99": TARGET_P99_MS,
+                "first_after_a_kill": [round(ms, 1) for ms in first_after_kill_ms],
+                "others_p50": round(percentile(other_ms, 0.5), 1),
+                "others_p99": round(percentile(other_ms, 0.99), 1),
+                "slow": slow[:20],
+            },
+            "switches": kinds,
+            "incomplete": incomplete,
+            "replicas_applied_min": min(applied_by, default=0),
+            "kills": kills,
+            "heartbeat_ms": HEARTBEAT_MS,
+            "partitions": partitions,
+            "aggregates": aggregates,
+            "handler_latency_ms": 1.0,
+            "exit_codes": codes,
+            "notes": [
+                (
+                    "Latency is the client's: from the fleet-scope call until it returned "
+                    "with every live replica's report of the new generation applied (the "
+                    "control topic read back through the replica called). A killed "
+                    "replica is waited for until its report is stale (three heartbeats, "
+                    "here 600 ms): first_after_a_kill lists the switch right after each "
+                    "kill. The victim restarts in the background while the switches go "
+                    "on (its group join, the rebalance, the backlog it takes over)."
+                ),
+                (
+                    "Order and loss are judged across the three processes from the "
+                    "handler's records (one shared O_APPEND file); a kill -9 redelivers "
+                    "the victim's uncommitted events, which count as duplicates, not loss."
+                ),
+            ],
+        },
+    )

@@ -1,0 +1,268 @@
+"""Fleet control with real services in one process: two replicas of one group
+on the embedded broker, driven over their real gRPC control planes.
+
+(The real-process tests - kill -9, three replicas under load - are in
+``tests/server/test_fleet_process.py``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+from actorpool.control.v1 import control_pb2 as pb
+from structlog.testing import capture_logs
+
+from clients import (
+    AsyncPoolControlClient,
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
+from pool import PoolMode
+from server._broker import EmbeddedBroker
+from server._service import Service
+from tests.conftest import MakeTopic
+from tests.helpers import assert_eventually
+from tests.server.kafka_utils import aggregate_events, produce
+from tests.server.recording_handler import MemoryRecorder
+from tests.server.test_service import service_settings
+
+FAST = ("control.heartbeatMs=200",)
+_names = itertools.count()
+
+
+@contextlib.asynccontextmanager
+async def replica(
+    broker: EmbeddedBroker, topic: str, group: str, *extra: str
+) -> AsyncIterator[tuple[Service, AsyncPoolControlClient, MemoryRecorder]]:
+    recorder = MemoryRecorder()
+    settings = service_settings(broker.bootstrap, topic, group, *FAST, *extra)
+    name = f"replica-{next(_names)}"
+    async with Service(
+        settings, bootstrap_servers=broker.bootstrap, handler=recorder, instance=name
+    ) as svc:
+        assert svc.endpoints is not None
+        assert svc.endpoints.grpc_address is not None
+        async with AsyncPoolControlClient(svc.endpoints.grpc_address, timeout=20) as client:
+            yield svc, client, recorder
+
+
+def mode_of(svc: Service) -> PoolMode:
+    """The mode now (a call: mypy does not carry an earlier assert's narrowing over)."""
+    return svc.switch.mode
+
+
+def _metric(svc: Service, name: str) -> float:
+    value = svc.registry.get_sample_value(name)
+    assert value is not None, name
+    return value
+
+
+async def test_a_fleet_switch_through_one_replica_reaches_both_and_reports_each(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=4)
+    group = f"{topic}-g"
+    async with (
+        replica(broker, topic, group) as (a, ca, _),
+        replica(broker, topic, group) as (b, cb, _),
+    ):
+        # Both know each other from their reports.
+        await assert_eventually(lambda: len(a.fleet.reports) == 2 if a.fleet else False)
+        reply = await ca.set_mode("actor", request_id="fleet-1")
+        assert reply.fleet.generation == 1
+        assert reply.fleet.previous_generation == 0
+        assert reply.fleet.complete
+        assert {r.instance for r in reply.fleet.replicas} == {a.instance, b.instance}
+        assert all(r.outcome == pb.REPLICA_OUTCOME_APPLIED for r in reply.fleet.replicas)
+        assert reply.result.mode == pb.POOL_MODE_ACTOR
+        assert a.switch.mode is PoolMode.ACTOR
+        assert b.switch.mode is PoolMode.ACTOR
+
+        # A retry with the same request ID through the *other* replica: no new generation.
+        again = await cb.set_mode("actor", request_id="fleet-1")
+        assert again.fleet.generation == 1
+        rollout = await cb.set_rollout(25, wait_timeout=10)
+        assert rollout.fleet.generation == 2
+        assert a.switch.rollout_percent == 25.0
+
+        # GetFleetStatus (any replica) shows the desired state and both reports.
+        fleet = await ca.fleet_status()
+        assert fleet.enabled
+        assert fleet.desired.generation == 2
+        assert fleet.desired.mode == pb.POOL_MODE_ACTOR
+        assert fleet.desired.rollout_percent == 25.0
+        assert next(r.request_id for r in fleet.desired.recent_requests) == "fleet-1"
+        await assert_eventually(
+            lambda: _all_applied(ca.fleet_status(), 2), message="both reports at generation 2"
+        )
+
+        # Replica scope keeps today's behaviour and makes that replica diverge ...
+        local = await cb.set_mode("keyed", scope="replica")
+        assert not local.HasField("fleet")
+        assert mode_of(b) is PoolMode.KEYED
+        status = await cb.status()
+        assert status.fleet.diverged
+        assert status.fleet.differences == ["mode keyed, fleet actor"]
+        assert _metric(b, "kafka_eventbus_fleet_diverged") == 1.0
+        assert (await ca.status()).fleet.diverged is False
+        # ... until the next fleet state overrides it.
+        await ca.set_rollout(30)
+        assert b.switch.mode is PoolMode.ACTOR
+        assert (await cb.status()).fleet.diverged is False
+        assert _metric(b, "kafka_eventbus_fleet_applied_generation") == 3.0
+        assert _metric(a, "kafka_eventbus_fleet_desired_generation") == 3.0
+
+
+async def _all_applied(status: object, generation: int) -> bool:
+    reply: pb.GetFleetStatusResponse = await status  # type: ignore[misc]
+    return len(reply.replicas) == 2 and all(
+        r.report.applied_generation == generation and not r.stale for r in reply.replicas
+    )
+
+
+async def test_fleet_state_survives_a_restart_and_applies_before_the_first_fetch(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=2)
+    group = f"{topic}-g"
+    async with replica(broker, topic, group) as (svc, client, _):
+        await svc.consumer.wait_assigned(10)
+        await client.set_mode("actor")
+        await client.pause([(topic, 1)])
+    # Configured KEYED; the fleet says ACTOR (rollout 100 %) with partition 1 paused.
+    await produce(broker.bootstrap, topic, aggregate_events(8, 5, 2))
+    async with replica(broker, topic, group) as (svc, client, recorder):
+        assert svc.switch.mode is PoolMode.ACTOR
+        assert svc.fleet is not None
+        assert svc.fleet.applied_generation == 2
+        await assert_eventually(lambda: len(recorder.events) == 20, timeout=20)
+        # Every event went to the actor pool: the fleet's mode was in force first.
+        assert _total(svc, "kafka_eventbus_keyed_pool_messages_sent_total") == 0
+        assert _total(svc, "kafka_eventbus_actor_pool_messages_sent_total") == 20
+        # Nothing of partition 1 was handled: it was paused before its first fetch.
+        assert {p for _a, _s, p, _o in recorder.events} == {0}
+        status = await client.status()
+        assert {p.partition: list(p.paused_reasons) for p in status.partitions} == {
+            0: [],
+            1: ["operator"],
+        }
+        assert await client.resume() == [(topic, 1)]
+        await assert_eventually(lambda: len(recorder.events) == 40, timeout=20)
+
+
+def _total(svc: Service, name: str) -> float:
+    return sum(
+        sample.value
+        for family in svc.registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+async def test_concurrent_compare_and_set_writes_through_two_replicas_exactly_one_wins(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=2)
+    group = f"{topic}-g"
+    async with (
+        replica(broker, topic, group) as (a, ca, _),
+        replica(broker, topic, group) as (_b, cb, _),
+    ):
+        assert a.fleet is not None
+        log = a.fleet.log
+        outcomes: dict[str, int] = {"won": 0, "aborted": 0, "precondition": 0}
+        for round_ in range(8):
+            gen = a.fleet.log.generation
+            calls = [
+                ca.set_rollout(10 + round_, expected_generation=gen, wait_timeout=0),
+                cb.set_rollout(60 + round_, expected_generation=gen, wait_timeout=0),
+            ]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            winners = [r for r in results if isinstance(r, pb.SetRolloutResponse)]
+            assert len(winners) == 1, results
+            assert winners[0].fleet.generation == gen + 1
+            for r in results:
+                if isinstance(r, ConflictError):
+                    outcomes["aborted"] += 1
+                elif isinstance(r, PreconditionError):
+                    assert f"generation {gen + 1}" in r.details
+                    outcomes["precondition"] += 1
+                elif isinstance(r, BaseException):
+                    raise r
+            outcomes["won"] += 1
+
+            def at_the_next(expected: int = gen + 1) -> bool:
+                return log.generation == expected
+
+            await assert_eventually(at_the_next)
+        assert outcomes["won"] == 8
+        assert outcomes["aborted"] + outcomes["precondition"] == 8
+        # The state is the winner's, on every replica, and the topic's tail is not void.
+        assert a.fleet.log.generation == 8
+        await assert_eventually(lambda: not a.fleet.log.tail_void)  # type: ignore[union-attr]
+        # A stale expected generation is refused up front, naming the current one.
+        with pytest.raises(PreconditionError, match="generation 8"):
+            await ca.set_mode("actor", expected_generation=3)
+
+
+async def test_bad_fleet_arguments(broker: EmbeddedBroker, make_topic: MakeTopic) -> None:
+    topic = await make_topic(partitions=2)
+    async with replica(broker, topic, f"{topic}-g") as (_, client, _):
+        with pytest.raises(NotFoundError):
+            await client.pause([("nope", 0)])
+        with pytest.raises(NotFoundError):
+            await client.pause([(topic, 7)])
+        with pytest.raises(InvalidArgumentError, match="fleet scope only"):
+            await client.set_mode("actor", scope="replica", expected_generation=0)
+
+
+async def test_control_topic_unusable_at_start_degraded_serving_not_crashed(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=2)
+    group = f"{topic}-g"
+    # A control topic the fleet cannot use: two partitions (no single order).
+    await broker.create_topics({f"{group}.control": 2})
+    with capture_logs() as logs:
+        async with replica(broker, topic, group, "control.startupTimeoutMs=2000") as (
+            svc,
+            client,
+            recorder,
+        ):
+            assert svc.fleet is not None
+            assert svc.fleet.degraded is not None
+            status = await client.status()
+            assert status.fleet.degraded
+            assert "2 partitions" in status.fleet.degraded_reason
+            assert _metric(svc, "kafka_eventbus_fleet_degraded") == 1.0
+            assert await client.health() == "SERVING"
+            # It serves events on its configuration ...
+            await produce(broker.bootstrap, topic, aggregate_events(4, 5, 2))
+            await assert_eventually(lambda: len(recorder.events) == 20, timeout=20)
+            # ... fleet writes are refused (not silently local), replica scope works.
+            with pytest.raises(UnavailableError, match="control topic"):
+                await client.set_mode("actor", timeout=5)
+            assert (await client.set_mode("actor", scope="replica")).result.mode == 2
+            fleet = await client.fleet_status()
+            assert fleet.degraded
+            assert not fleet.HasField("desired")
+    assert any(e["event"] == "fleet.degraded" for e in logs)
+
+
+async def test_fleet_control_disabled_keeps_replica_behaviour(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=1)
+    async with replica(broker, topic, f"{topic}-g", "control.enabled=false") as (svc, client, _):
+        assert svc.fleet is None
+        assert not (await client.set_mode("actor")).HasField("fleet")
+        assert not (await client.fleet_status()).enabled
+        with pytest.raises(PreconditionError, match=r"control\.enabled"):
+            await client.set_mode("keyed", scope="fleet")
