@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test lint fmt typecheck protos protos-check bench bench-e2e reliability rules-check image check clean
+.PHONY: venv run test lint fmt typecheck protos protos-check bench bench-e2e bench-service reliability rules-check image check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(STAMP)
 ## End to end through the embedded broker: plain loop, per-partition wait, keyed, actor.
 bench-e2e: $(STAMP)
 	$(BIN)/python bench/e2e_bench.py
+
+## The shipped pool-server process beside the plain aiokafka loop; bench/results/service_bench.json.
+bench-service: $(STAMP)
+	$(BIN)/python bench/service_bench.py $(ARGS)
 
 ## Fault, load and bad-input campaigns against the real service; writes docs/reliability.md.
 reliability: $(STAMP)
