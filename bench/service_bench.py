@@ -552,7 +552,7 @@ def table(report: dict[str, Any]) -> str:
     out.extend(
         f"produce->handled at {lat['rate']:,.0f}/s, {lat['mode']}: p50 {lat['p50_ms']} ms, "
         f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms ({lat['events']:,} events)"
-        for lat in report["latency"]
+        for lat in report.get("latency", ())
     )
     sw = report.get("switch")
     if sw:
@@ -568,6 +568,15 @@ def table(report: dict[str, Any]) -> str:
             f"/metrics: {sc['series']:,} series "
             f"({sc['kafka_eventbus_series']:,} kafka_eventbus_*), {sc['bytes']:,} bytes per scrape"
         )
+    if report.get("profile"):
+        from bench.profile_breakdown import table as breakdown_table
+
+        for mode, prof in report["profile"].items():
+            title = (
+                f"profile {mode}, no-op handler: {prof['samples']:,} samples, "
+                f"{prof['events_per_s']:,} events/s, {prof['cpu_us_per_event']} CPU µs/event"
+            )
+            out += ["", title, "", breakdown_table(prof)]
     return "\n".join(out)
 
 
@@ -598,7 +607,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await produce_backlog(broker.bootstrap, bench.backlog, args.events, args.aggregates)
         print(f"produced {args.events:,} events in {time.monotonic() - t0:.1f}s", file=sys.stderr)
         baseline = Path(args.baseline_root) if args.baseline_root else None
-        for rnd in range(1, args.rounds + 1):
+        for rnd in range(1, 0 if args.profile_only else args.rounds + 1):
             for consumer, handler in ROWS:
                 row = await bench.throughput(consumer, handler, rnd)
                 if "scrape" in row:
@@ -610,8 +619,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     )
         report["throughput"] = rows
         report["summary"] = summarise(rows)
-        report["latency"] = [await bench.latency("keyed"), await bench.latency("actor")]
-        report["switch"] = await bench.switch()
+        if not args.profile_only:
+            report["latency"] = [await bench.latency("keyed"), await bench.latency("actor")]
+            report["switch"] = await bench.switch()
         if args.profile:
             report["profile"] = await profile(bench, Path(args.profile))
     finally:
@@ -655,6 +665,7 @@ def main() -> None:
     p.add_argument("--json", default="bench/results/service_bench.json")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     p.add_argument("--profile", metavar="DIR", help="profile KEYED and ACTOR with py-spy")
+    p.add_argument("--profile-only", action="store_true", help="only the --profile runs")
     p.add_argument("--baseline-root", metavar="DIR", help="also run the service from DIR")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     # The plain loop's child process.
@@ -666,6 +677,8 @@ def main() -> None:
     if args.plain_loop:
         plain_loop_main(args)
         return
+    if args.profile_only and not args.profile:
+        p.error("--profile-only needs --profile DIR")
     if args.baseline_root:
         args.baseline_root = os.path.abspath(args.baseline_root)
     if args.quick:
