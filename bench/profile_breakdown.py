@@ -17,14 +17,19 @@ Attribution, per stack:
    charged to the consumer frame that called it (``_fetch_loop`` -> *fetch*,
    ``_commit`` -> *commits*).
 2. A stack without such a frame (aiokafka's own tasks, the event loop's
-   callbacks) is *commits and group coordination* when it runs through the
-   group coordinator, *fetch and record parsing* when it runs through another
-   part of aiokafka (the fetcher's and the connection's tasks), *event loop*
-   when only the loop's frames are left (uvloop's C code between callbacks:
-   task steps, timers, I/O), *other* otherwise.
+   callbacks) is *commits* when it runs through the group coordinator
+   (commits, heartbeats), *fetch and record parsing* when it runs through
+   another part of aiokafka or asyncio's streams (the fetcher's task, the
+   connection reading responses), *event loop* when only the loop's frames are
+   left (uvloop's C code between callbacks: task steps, timers, I/O), *other*
+   otherwise.
 
-µs/event of a stage is its share of all samples times the process's CPU
-µs/event measured over the same drain (``bench/service_bench.py``).
+Only the event loop's thread (``MainThread``) is broken down: the other
+threads (the metrics HTTP server, gRPC's poller) mostly wait in ``poll``,
+which py-spy does not always see as idle; their CPU is measured from
+``/proc/<pid>/task`` instead. µs/event of a stage is its share of the main
+thread's samples times the main thread's CPU µs/event over the same drain
+(``bench/service_bench.py``).
 """
 
 from __future__ import annotations
@@ -107,17 +112,23 @@ def parse(text: str) -> list[tuple[list[tuple[str, str]], int]]:
     return out
 
 
+#: Frames of the process's start and of the event loop itself.
+_LOOP_FILES = ("<frozen runpy>", "server/__main__.py", "uvloop/", "asyncio/")
+
+
 def stage_of(frames: list[tuple[str, str]]) -> str:
+    """The stage of one stack (root first); see the module docstring."""
     for func, file in reversed(frames):
+        name = func.rpartition(".")[2]  # py-spy qualifies: "EventConsumer._finish"
         for stage, where, funcs in RULES:
-            if where in file and (funcs is None or func in funcs):
+            if where in file and (funcs is None or name in funcs):
                 return stage
     files = [file for _, file in frames]
     if any("aiokafka/consumer/group_coordinator.py" in f for f in files):
         return "commits"
-    if any("aiokafka/" in f for f in files):
+    if any("aiokafka/" in f or "asyncio/streams.py" in f for f in files):
         return "fetch and record parsing"
-    if all(not f or "asyncio/" in f or "uvloop/" in f or "server/__main__.py" in f for f in files):
+    if all(any(m in f for m in _LOOP_FILES) for f in files):
         return "event loop"
     return "other"
 
@@ -130,17 +141,19 @@ def _short(file: str) -> str:
 
 
 def breakdown(text: str, cpu_us_per_event: float) -> dict[str, Any]:
-    """Samples, share and µs/event per stage; the top self-time functions."""
+    """Samples, share and µs/event per stage of the main thread (whose CPU
+    µs/event is ``cpu_us_per_event``); its top self-time functions."""
     stacks = parse(text)
-    total = sum(n for _, n in stacks) or 1
     by_stage: Counter[str] = Counter()
     hot: Counter[str] = Counter()
     hot_stage: dict[str, str] = {}
     threads: Counter[str] = Counter()
     for frames, n in stacks:
         thread = frames[0][0] if frames and frames[0][0].startswith("thread") else ""
-        body = frames[1:] if thread else frames
         threads[thread] += n
+        if thread and not thread.endswith("MainThread"):
+            continue
+        body = frames[1:] if thread else frames
         stage = stage_of(body)
         by_stage[stage] += n
         if body:
@@ -148,6 +161,7 @@ def breakdown(text: str, cpu_us_per_event: float) -> dict[str, Any]:
             key = f"{func} ({_short(file)})"
             hot[key] += n
             hot_stage[key] = stage
+    total = sum(by_stage.values()) or 1
     stages = [
         {
             "stage": stage,
@@ -158,9 +172,13 @@ def breakdown(text: str, cpu_us_per_event: float) -> dict[str, Any]:
         for stage in STAGES
         if by_stage[stage]
     ]
+    all_samples = sum(threads.values()) or 1
     return {
         "samples": total,
-        "threads": [{"thread": t, "share": round(n / total, 4)} for t, n in threads.most_common()],
+        "threads": [
+            {"thread": t, "share_of_samples": round(n / all_samples, 4)}
+            for t, n in threads.most_common()
+        ],
         "stages": stages,
         "hot_spots": [
             {"function": k, "stage": hot_stage[k], "share": round(n / total, 4)}
@@ -186,7 +204,7 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("profile", type=Path)
-    p.add_argument("--cpu-us-per-event", type=float, default=0.0)
+    p.add_argument("--cpu-us-per-event", type=float, default=0.0, help="of the main thread")
     args = p.parse_args()
     print(table(breakdown(args.profile.read_text(), args.cpu_us_per_event)))
 
