@@ -513,10 +513,13 @@ class BasePool:
             current_task = asyncio.current_task
 
             async def run_async_with_timeout(message: Message) -> None:
-                task = cast("asyncio.Task[Any]", current_task())
+                # The pool's loop, not get_running_loop(): on 3.11 that costs a
+                # getpid() system call per call (asyncio.timeout made two).
+                loop = cast(asyncio.AbstractEventLoop, self._loop)
+                task = cast("asyncio.Task[Any]", current_task(loop))
                 wd = watchdogs.get(task)
                 if wd is None:
-                    wd = watchdogs[task] = _Watchdog(task, asyncio.get_running_loop())
+                    wd = watchdogs[task] = _Watchdog(task, loop)
                 wd.call += 1
                 call = wd.call
                 wd.deadline = deadline = wd.loop.time() + timeout
