@@ -146,7 +146,7 @@ def breakdown(text: str, cpu_us_per_event: float) -> dict[str, Any]:
     stacks = parse(text)
     by_stage: Counter[str] = Counter()
     hot: Counter[str] = Counter()
-    hot_stage: dict[str, str] = {}
+    hot_stage: dict[str, Counter[str]] = {}
     threads: Counter[str] = Counter()
     for frames, n in stacks:
         thread = frames[0][0] if frames and frames[0][0].startswith("thread") else ""
@@ -159,8 +159,10 @@ def breakdown(text: str, cpu_us_per_event: float) -> dict[str, Any]:
         if body:
             func, file = body[-1]
             key = f"{func} ({_short(file)})"
+            if file == "<string>" and len(body) > 1:  # generated code: a dataclass's __init__
+                key += f" from {body[-2][0]}"
             hot[key] += n
-            hot_stage[key] = stage
+            hot_stage.setdefault(key, Counter())[stage] += n
     total = sum(by_stage.values()) or 1
     stages = [
         {
@@ -181,7 +183,11 @@ def breakdown(text: str, cpu_us_per_event: float) -> dict[str, Any]:
         ],
         "stages": stages,
         "hot_spots": [
-            {"function": k, "stage": hot_stage[k], "share": round(n / total, 4)}
+            {
+                "function": k,
+                "stage": hot_stage[k].most_common(1)[0][0],
+                "share": round(n / total, 4),
+            }
             for k, n in hot.most_common(15)
         ],
     }

@@ -480,8 +480,14 @@ def _progress(row: dict[str, Any]) -> str:
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    # --nonblocking: read the process's memory while it runs. Stopping it for
+    # each sample (the default) biases the samples towards system calls: a
+    # thread stops at its next kernel entry, and on Python 3.11 each
+    # asyncio.get_running_loop() is a getpid().
     cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
-           "--threads", "--output", str(out)]  # fmt: skip
+           "--threads", "--nonblocking", "--output", str(out)]  # fmt: skip
+    if os.environ.get("BENCH_PY_SPY_NATIVE"):
+        cmd.append("--native")  # C frames too (slower sampling; for a second look)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.3)  # attached before the backlog drains (a one-off, not a sync point)
     return proc
