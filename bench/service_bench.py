@@ -3,7 +3,8 @@
     .venv/bin/python bench/service_bench.py [--events 200000] [--aggregates 10000]
         [--partitions 8] [--rounds 1] [--rate 10000] [--duration 10]
         [--switches 100] [--json bench/results/service_bench.json] [--quick]
-        [--profile DIR] [--baseline-root DIR]
+        [--profile DIR [--profile-only] [--profile-blocking]] [--baseline-root DIR]
+        [--ablate-timeout]
 
 Everything runs as real processes on one embedded broker:
 
@@ -41,6 +42,10 @@ service after its backlog.
 ``--profile DIR`` then drains the backlog once more in KEYED and in ACTOR
 under ``py-spy record --format raw`` (files in DIR, not committed) and
 attributes the samples to the stages of ``bench/profile_breakdown.py``.
+py-spy reads the process without stopping it; ``--profile-blocking`` stops it
+for each sample (py-spy's default: consistent stacks, but samples biased
+towards system calls). ``--ablate-timeout`` adds the KEYED and ACTOR no-op
+rows with ``pool.handlerTimeoutS=null``: the timeout's own cost, directly.
 ``--baseline-root DIR`` runs every service row a second time with the service
 code of another checkout (e.g. ``git archive <commit> | tar -x -C DIR``): a
 before/after in one run.
@@ -96,6 +101,8 @@ ROWS = (
     ("keyed", "1ms"),
     ("actor", "1ms"),
 )
+#: The one setting the ablation rows change: no handler timeout.
+NO_TIMEOUT = {"pool.handlerTimeoutS": "null"}
 LABELS = {"plain": "plain loop", "keyed": "pool-server KEYED", "actor": "pool-server ACTOR"}
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -131,6 +138,7 @@ class ShippedService(ServiceProcess):
         root: Path = ROOT,
         env: Mapping[str, str] | None = None,
         name: str,
+        overrides: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(
             bootstrap,
@@ -143,7 +151,8 @@ class ShippedService(ServiceProcess):
             name=name,
         )
         self.handler = handler
-        self.settings = {}
+        # Nothing but what the caller overrides (the harness sets its test values).
+        self.settings = dict(overrides or {})
 
     def command(self) -> list[str]:
         cmd = [
@@ -157,6 +166,8 @@ class ShippedService(ServiceProcess):
         ]  # fmt: skip
         if self.mode != "keyed":
             cmd += ["--mode", self.mode]
+        for key, value in self.settings.items():
+            cmd += ["--set", f"{key}={value}"]
         return cmd
 
 
@@ -303,6 +314,7 @@ class Bench:
     async def throughput(
         self, consumer: str, handler: str, rnd: int, variant: str = "current",
         root: Path = ROOT, profile: Path | None = None,
+        overrides: Mapping[str, object] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         self.n += 1
         name = f"{consumer}-{handler}-{variant}-{rnd}-{self.n}"
@@ -322,14 +334,14 @@ class Bench:
             svc = ShippedService(
                 self.broker.bootstrap, self.backlog, self.workdir, group=group, mode=consumer,
                 handler=COUNT_HANDLER, latency_ms=HANDLERS[handler], root=root, env=env,
-                name=name,
+                name=name, overrides=overrides,
             )  # fmt: skip
             spy: subprocess.Popen[bytes] | None = None
             try:
                 await svc.start(timeout=60, wait_assigned=False)
                 assert svc.proc is not None
                 if profile is not None:
-                    spy = start_py_spy(svc.proc.pid, profile)
+                    spy = start_py_spy(svc.proc.pid, profile, blocking=self.args.profile_blocking)
                 marks = await watch_marks(marks_path, svc.proc, self.broker.pid, timeout)
                 if spy is not None:
                     stop_py_spy(spy)
@@ -478,14 +490,16 @@ def _progress(row: dict[str, Any]) -> str:
 # ------------------------------------------------------------- profiling
 
 
-def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+def start_py_spy(pid: int, out: Path, *, blocking: bool = False) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
     # --nonblocking: read the process's memory while it runs. Stopping it for
     # each sample (the default) biases the samples towards system calls: a
     # thread stops at its next kernel entry, and on Python 3.11 each
     # asyncio.get_running_loop() is a getpid().
     cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
-           "--threads", "--nonblocking", "--output", str(out)]  # fmt: skip
+           "--threads", "--output", str(out)]  # fmt: skip
+    if not blocking:
+        cmd.append("--nonblocking")
     if os.environ.get("BENCH_PY_SPY_NATIVE"):
         cmd.append("--native")  # C frames too (slower sampling; for a second look)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -634,6 +648,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append(
                         await bench.throughput(consumer, handler, rnd, "baseline", baseline)
                     )
+                if args.ablate_timeout and consumer != "plain" and handler == "noop":
+                    for variant, root in (("no-timeout", ROOT), ("baseline-no-timeout", baseline)):
+                        if root is not None:
+                            rows.append(
+                                await bench.throughput(
+                                    consumer, handler, rnd, variant, root, overrides=NO_TIMEOUT
+                                )
+                            )
         report["throughput"] = rows
         report["summary"] = summarise(rows)
         if not args.profile_only:
@@ -661,6 +683,7 @@ async def profile(bench: Bench, outdir: Path) -> dict[str, Any]:
         row = await bench.throughput(mode, "noop", 0, "profiled", profile=raw)
         result[mode] = {
             "raw_file": str(raw),
+            "py_spy": "blocking" if bench.args.profile_blocking else "nonblocking",
             "events_per_s": row["events_per_s"],
             "cpu_us_per_event": row["cpu_us_per_event"],
             "main_thread_cpu_us_per_event": row["main_thread_cpu_us_per_event"],
@@ -684,7 +707,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     p.add_argument("--profile", metavar="DIR", help="profile KEYED and ACTOR with py-spy")
     p.add_argument("--profile-only", action="store_true", help="only the --profile runs")
+    p.add_argument("--profile-blocking", action="store_true", help="py-spy stops the process")
     p.add_argument("--baseline-root", metavar="DIR", help="also run the service from DIR")
+    p.add_argument(
+        "--ablate-timeout",
+        action="store_true",
+        help="also KEYED/ACTOR no-op with pool.handlerTimeoutS=null (the timeout's own cost)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     # The plain loop's child process.
     p.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
