@@ -525,6 +525,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     plain = {
         (r["handler"], r["round"]): r["events_per_s"] for r in rows if r["consumer"] == "plain"
     }
+    plain_cpu = {
+        r["round"]: r["cpu_us_per_event"]
+        for r in rows
+        if r["consumer"] == "plain" and r["handler"] == "noop"
+    }
     out = []
     keys = list(dict.fromkeys((r["consumer"], r["handler"], r["variant"]) for r in rows))
     for consumer, handler, variant in keys:
@@ -539,6 +544,14 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in sel
             if plain.get((handler, r["round"]))
         ]
+        # The same comparison by CPU per event (what each would reach with a
+        # core of its own): steadier than events/s on a shared machine. Only
+        # for the no-op handler: the plain loop with 1 ms waits, idle.
+        cpu_ratios = [
+            plain_cpu[r["round"]] / r["cpu_us_per_event"]
+            for r in sel
+            if handler == "noop" and plain_cpu.get(r["round"]) and r["cpu_us_per_event"]
+        ]
         out.append(
             {
                 "consumer": consumer,
@@ -549,6 +562,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "events_per_s_range": [min(rates), max(rates)],
                 "ratio": round(statistics.median(ratios), 3) if ratios else None,
                 "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None,
+                "cpu_ratio": round(statistics.median(cpu_ratios), 3) if cpu_ratios else None,
                 "cpu_us_per_event": round(statistics.median(r["cpu_us_per_event"] for r in sel), 1),
                 "main_thread_cpu_us_per_event": round(
                     statistics.median(r["main_thread_cpu_us_per_event"] for r in sel), 1
@@ -568,13 +582,14 @@ def table(report: dict[str, Any]) -> str:
         lo, hi = values
         return format(lo, fmt) if lo == hi else f"{format(lo, fmt)}-{format(hi, fmt)}"
 
-    head = "| consumer | handler | events/s | vs plain loop | CPU µs/event: service "
-    out = [head + "(loop thread) | broker |", "|---|---|---:|---:|---:|---:|"]
+    head = "| consumer | handler | events/s | vs plain loop | by CPU | CPU µs/event: service "
+    out = [head + "(loop thread) | broker |", "|---|---|---:|---:|---:|---:|---:|"]
     for s in report["summary"]:
         name = LABELS[s["consumer"]] + ("" if s["variant"] == "current" else f" ({s['variant']})")
         out.append(
             f"| {name} | {s['handler']} | {rng(s['events_per_s_range'], ',.0f')} "
             f"| {rng(s['ratio_range'], '.2f')} "
+            f"| {'-' if s['cpu_ratio'] is None else format(s['cpu_ratio'], '.2f')} "
             f"| {s['cpu_us_per_event']} ({s['main_thread_cpu_us_per_event']}) "
             f"| {s['broker_cpu_us_per_event']} |"
         )
