@@ -697,7 +697,7 @@ async def profile(bench: Bench, outdir: Path) -> dict[str, Any]:
         raw = outdir / f"{mode}-noop.txt"
         row = await bench.throughput(mode, "noop", 0, "profiled", profile=raw)
         result[mode] = {
-            "raw_file": str(raw),
+            "raw_file": raw.name,
             "py_spy": "blocking" if bench.args.profile_blocking else "nonblocking",
             "events_per_s": row["events_per_s"],
             "cpu_us_per_event": row["cpu_us_per_event"],
