@@ -110,7 +110,8 @@ class _Watchdog:
     into ``TimeoutError``, as ``asyncio.timeout`` does); not yet, it re-arms at
     that call's deadline; no call running, it stays off until the next call. So
     an executor busy with quick calls re-arms about once per timeout period, and
-    a hung call is cancelled at its own deadline.
+    a hung call is cancelled at its own deadline. (After the pool closes, an
+    armed timer fires once more, finds no call and stops.)
     """
 
     __slots__ = ("call", "deadline", "expired", "loop", "task", "timer")
