@@ -307,9 +307,10 @@ class Bench:
         }
 
     def _target(self, consumer: str, handler: str) -> int:
+        events = int(self.args.events)
         if consumer == "plain" and handler == "1ms":
-            return min(self.args.events, self.args.plain_1ms_events)
-        return self.args.events
+            return min(events, int(self.args.plain_1ms_events))
+        return events
 
     async def throughput(
         self, consumer: str, handler: str, rnd: int, variant: str = "current",
@@ -367,7 +368,7 @@ class Bench:
             committed = await committed_offsets(
                 self.broker.bootstrap, group, self.backlog, self.args.partitions
             )
-            return sum(v or 0 for v in committed.values()) >= self.args.events
+            return sum(v or 0 for v in committed.values()) >= int(self.args.events)
 
         await wait_for(covered, 60, f"{group} committed the backlog", interval=0.2)
         return (time.monotonic_ns() - marks.last_ns) / 1e9
