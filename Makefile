@@ -16,7 +16,7 @@ UV_PIN     := $(shell grep -o '"uv==[^"]*"' pyproject.toml | tr -d '"')
 UV_COMPILE = $(UV) pip compile --quiet pyproject.toml --universal --python-version 3.11 \
 	--generate-hashes --custom-compile-command "make lock"
 
-.PHONY: venv run test test-fast lint fmt typecheck protos protos-check lock lock-check bench bench-e2e reliability rules-check image check clean
+.PHONY: venv run test test-fast lint fmt typecheck protos protos-check lock lock-check bench bench-e2e bench-service reliability rules-check image check clean
 
 $(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,10 @@ bench: $(STAMP)
 ## End to end through the embedded broker: plain loop, per-partition wait, keyed, actor.
 bench-e2e: $(STAMP)
 	$(BIN)/python bench/e2e_bench.py
+
+## The shipped pool-server process beside the plain aiokafka loop; bench/results/service_bench.json.
+bench-service: $(STAMP)
+	$(BIN)/python bench/service_bench.py $(ARGS)
 
 ## Fault, load and bad-input campaigns against the real service; writes docs/reliability.md.
 reliability: $(STAMP)

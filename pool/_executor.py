@@ -99,6 +99,48 @@ class _Parked:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class _Watchdog:
+    """The handler timeout of one executor task: one timer at a time instead of
+    one per call (``asyncio.timeout`` costs a timer handle, a heap push and two
+    Python-level context-manager calls per event).
+
+    Each call stamps its ``deadline``; a timer armed at the deadline of the call
+    that found none armed checks, when it fires, the call running then: past its
+    deadline, the watchdog cancels the task (the runner turns the cancellation
+    into ``TimeoutError``, as ``asyncio.timeout`` does); not yet, it re-arms at
+    that call's deadline; no call running, it stays off until the next call. So
+    an executor busy with quick calls re-arms about once per timeout period, and
+    a hung call is cancelled at its own deadline. (After the pool closes, an
+    armed timer fires once more, finds no call and stops.)
+    """
+
+    __slots__ = ("call", "deadline", "expired", "loop", "task", "timer")
+
+    #: Timers may fire this much before their time (clock granularity).
+    EARLY = 0.001
+
+    def __init__(self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.task = task
+        self.loop = loop
+        # Calls begun; the running one's deadline (0.0 when none runs).
+        self.call = 0
+        self.deadline = 0.0
+        # The call the watchdog cancelled, until the runner has seen it (0: none).
+        self.expired = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def check(self) -> None:
+        self.timer = None
+        deadline = self.deadline
+        if not deadline or self.expired == self.call:
+            return  # idle (the next call arms), or this call is already cancelled
+        if self.loop.time() >= deadline - self.EARLY:
+            self.expired = self.call
+            self.task.cancel()
+        else:
+            self.timer = self.loop.call_at(deadline, self.check)
+
+
 class _Retry:
     """Sentinel type: the retry policy gives a failed event another try."""
 
@@ -466,9 +508,37 @@ class BasePool:
             if timeout is None:
                 return async_handler
 
+            # One watchdog per executor task (found by the task: this runner is
+            # shared by the pool's executors), not a timer per call.
+            watchdogs: dict[asyncio.Task[Any], _Watchdog] = {}
+            current_task = asyncio.current_task
+
             async def run_async_with_timeout(message: Message) -> None:
-                async with asyncio.timeout(timeout):
+                # The pool's loop, not get_running_loop(): on 3.11 that costs a
+                # getpid() system call per call (asyncio.timeout made two).
+                loop = cast(asyncio.AbstractEventLoop, self._loop)
+                task = cast("asyncio.Task[Any]", current_task(loop))
+                wd = watchdogs.get(task)
+                if wd is None:
+                    wd = watchdogs[task] = _Watchdog(task, loop)
+                wd.call += 1
+                call = wd.call
+                wd.deadline = deadline = wd.loop.time() + timeout
+                if wd.timer is None:
+                    wd.timer = wd.loop.call_at(deadline, wd.check)
+                try:
                     await async_handler(message)
+                except asyncio.CancelledError:
+                    if wd.expired == call:
+                        wd.expired = 0
+                        if not task.uncancel():  # nobody else cancelled the task
+                            raise TimeoutError(f"handler timed out after {timeout:g}s") from None
+                    raise
+                finally:
+                    wd.deadline = 0.0
+                    if wd.expired == call:  # swallowed, or turned into another error
+                        wd.expired = 0
+                        task.uncancel()
 
             return run_async_with_timeout
 

@@ -12,6 +12,12 @@ configured by the environment of that process:
   interleave.
 - ``HANDLER_LATENCY_MS`` (default 0): simulated I/O per event.
 
+:func:`count` is the throughput benches' handler (``bench/service_bench.py``):
+next to nothing per event (a counter, and the simulated I/O), no record line.
+It appends ``first <ns>`` when the process handles its first event and
+``last <ns> <count>`` when it has handled ``BENCH_TARGET`` of them to
+``BENCH_MARKS`` (``time.monotonic_ns()``): two writes per run.
+
 The payload (``{"seq": n, "t": monotonic_ns, ...}``) may carry failure markers:
 
 - ``"fail": "always"`` - raises on every attempt (retried, then dead-lettered
@@ -29,7 +35,7 @@ import time
 
 from pool import Message, NonRetryableError
 
-__all__ = ["CampaignHandlerError", "handle"]
+__all__ = ["CampaignHandlerError", "count", "handle"]
 
 _fd: int | None = None
 _latency = float(os.environ.get("HANDLER_LATENCY_MS", "0")) / 1000.0
@@ -88,3 +94,29 @@ async def handle(message: Message) -> None:
         f"H,{os.getpid()},{message.partition},{message.offset},{message.aggregate_id},{seq},"
         f"{payload.get('t', 0)},{start},{time.monotonic_ns()}\n"
     )
+
+
+_counted = 0
+_target = int(os.environ.get("BENCH_TARGET", "0"))
+
+
+def _mark(text: str) -> None:
+    fd = os.open(os.environ["BENCH_MARKS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{text}\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def count(message: object) -> None:
+    """Count the event (after ``HANDLER_LATENCY_MS`` of simulated I/O); see the
+    module docstring. ``message`` is not looked at: the plain loop of the bench
+    passes the decoded value."""
+    global _counted
+    if _latency:
+        await asyncio.sleep(_latency)
+    _counted += 1
+    if _counted == 1:
+        _mark(f"first {time.monotonic_ns()}")
+    if _counted == _target:
+        _mark(f"last {time.monotonic_ns()} {_counted}")

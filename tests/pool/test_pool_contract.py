@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
+import time
 from collections import defaultdict
 
 import pytest
@@ -270,6 +272,86 @@ async def test_handler_timeout_becomes_a_dead_letter(pool_factory: PoolFactory) 
     assert dead is not None
     assert dead.reason is DeadLetterReason.HANDLER_TIMEOUT
     assert dead.attempts == 3
+
+
+async def test_a_hung_handler_is_cancelled_at_its_own_deadline(pool_factory: PoolFactory) -> None:
+    """The timeout runs from each call's start, whatever the executor ran before:
+    the hung call starts half a timeout after the executor's first call (where a
+    timer armed once per executor would be due) and is cancelled neither before
+    its own deadline nor long after it."""
+    timeout = 0.4
+    cut_after: list[float] = []
+
+    async def handler(m: Message) -> None:
+        if m.aggregate_id != "hang":
+            await asyncio.sleep(0.02)
+            return
+        started = time.monotonic()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cut_after.append(time.monotonic() - started)
+
+    once = RetryPolicy(max_attempts=1)
+    async with pool_factory(handler, size=1, handler_timeout=timeout, retry=once) as pool:
+        quick = [await pool.submit(msg(f"q{i}", i)) for i in range(10)]  # ~0.2 s of calls
+        hung = await pool.submit(msg("hang", 10))
+        after = await pool.submit(msg("q-after", 11))
+        dead = await asyncio.wait_for(hung, 5)
+        assert await asyncio.wait_for(after, 5) is None
+        assert [await f for f in quick] == [None] * 10
+    assert dead is not None
+    assert dead.reason is DeadLetterReason.HANDLER_TIMEOUT
+    assert dead.error_type == "TimeoutError"
+    assert len(cut_after) == 1
+    assert timeout - 0.01 <= cut_after[0] <= timeout + 0.3, cut_after
+
+
+async def test_a_timeout_the_handler_swallows_leaves_the_executor_working(
+    pool_factory: PoolFactory,
+) -> None:
+    """A handler that catches the timeout's cancellation and returns has handled
+    its event (as with ``asyncio.timeout``); the executor's task is not left
+    cancelled: its next hung call still times out into a dead letter, and a
+    pool close still cancels what runs."""
+    calls: list[int] = []
+
+    async def handler(m: Message) -> None:
+        calls.append(m.offset)
+        if m.offset == 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+        elif m.offset == 2:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise RuntimeError("cleanup failed") from None
+        elif m.offset in (1, 3):
+            await asyncio.Event().wait()
+
+    once = RetryPolicy(max_attempts=1)
+    pool = pool_factory(handler, size=1, handler_timeout=0.05, retry=once)
+    futures = [await pool.submit(msg("a", i)) for i in range(5)]
+    outcomes = [await asyncio.wait_for(f, 5) for f in futures]
+    assert outcomes[0] is None, "swallowed: handled"
+    assert outcomes[4] is None
+    reasons = [(o.reason, o.error_type) if o else None for o in outcomes[1:4]]
+    assert reasons == [
+        (DeadLetterReason.HANDLER_TIMEOUT, "TimeoutError"),
+        (DeadLetterReason.RETRIES_EXHAUSTED, "RuntimeError"),
+        (DeadLetterReason.HANDLER_TIMEOUT, "TimeoutError"),
+    ]
+    gate = asyncio.Event()
+
+    async def stuck(m: Message) -> None:
+        await gate.wait()
+
+    slow = pool_factory(stuck, size=1, handler_timeout=30)
+    running = await slow.submit(msg("b", 0))
+    await slow.close(timeout=0.1)
+    assert running.cancelled(), "a pool close is not a handler timeout"
+    await pool.close()
+    assert calls == [0, 1, 2, 3, 4]
 
 
 async def test_base_exceptions_from_handlers_do_not_escape(pool_factory: PoolFactory) -> None:
