@@ -77,9 +77,11 @@ class _Held:
         self.pool = _KEYED
 
 
-#: (enqueue, unfinished counts of that pool, unfinished counts of the other pool)
+#: (enqueue, unfinished counts of that pool, unfinished counts of the other pool,
+#: dispatch_nowait)
 _Lane: TypeAlias = (
-    "tuple[Callable[[Message, bool], Completion | None], dict[str, int], dict[str, int]]"
+    "tuple[Callable[[Message, bool], Completion | None], dict[str, int], dict[str, int], "
+    "Callable[[Message], None]]"
 )
 
 
@@ -118,8 +120,18 @@ class PoolSwitch:
         self._keyed_counts: dict[str, int] = {}
         self._actor_counts: dict[str, int] = {}
         self._lanes: dict[PoolMode, _Lane] = {
-            PoolMode.KEYED: (keyed.enqueue_nowait, self._keyed_counts, self._actor_counts),
-            PoolMode.ACTOR: (actor.enqueue_nowait, self._actor_counts, self._keyed_counts),
+            PoolMode.KEYED: (
+                keyed.enqueue_nowait,
+                self._keyed_counts,
+                self._actor_counts,
+                keyed.dispatch_nowait,
+            ),
+            PoolMode.ACTOR: (
+                actor.enqueue_nowait,
+                self._actor_counts,
+                self._keyed_counts,
+                actor.dispatch_nowait,
+            ),
         }
         # The lane every aggregate goes to under the current rule, or None when
         # the rollout splits them (then each aggregate's bucket decides).
@@ -216,8 +228,20 @@ class PoolSwitch:
 
     def dispatch_nowait(self, message: Message) -> None:
         """:meth:`submit_nowait` without a completion future: the outcome goes
-        to the finish listeners only (the Kafka consumer's hot path)."""
-        self._route_one(message, False)
+        to the finish listeners only (the Kafka consumer's hot path: the pool's
+        own ``dispatch_nowait``, a few dict lookups, no allocation)."""
+        if self._closing:
+            raise PoolClosedError("pool switch is closed; submit refused")
+        key = message.aggregate_id
+        lane = self._uniform
+        if lane is None:
+            lane = self._lanes[self._target(key, self._mode, self._rollout_bp)]
+        if key not in lane[2] and not (self._holding and key in self._holding):
+            lane[3](message)
+            counts = lane[1]
+            counts[key] = counts.get(key, 0) + 1
+            return
+        self._route_one(message, False)  # held behind its earlier events
 
     async def dispatch(self, message: Message) -> None:
         """:meth:`submit` without a completion future."""
@@ -252,7 +276,7 @@ class PoolSwitch:
         lane = self._uniform
         if lane is None:
             lane = self._lanes[self._target(key, self._mode, self._rollout_bp)]
-        enqueue, counts, other = lane
+        enqueue, counts, other, _ = lane
         holding = self._holding
         if key not in other and not (holding and key in holding):
             future = enqueue(message, with_future)
@@ -297,7 +321,7 @@ class PoolSwitch:
         """Move the held events of an aggregate whose old pool is now empty."""
         events = held.events
         held.pool = target = self.route(key)
-        enqueue, counts, _ = self._lanes[target]
+        enqueue, counts, _, _ = self._lanes[target]
         while events:
             message, outer = events[0]
             try:
