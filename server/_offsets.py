@@ -23,29 +23,35 @@ class OffsetTracker:
     highest offset such that every added offset below it is done, + 1. It only
     ever moves forward.
 
-    Cost: a deque of offsets in dispatch order plus the set of unfinished ones;
-    ``done`` pops the finished prefix from the left, so every offset is
-    appended once and popped once: O(1) amortised per event.
+    Cost: a deque of offsets in dispatch order plus the set of unfinished
+    ones. ``add`` appends to both and ``done`` only removes from the set: the
+    contiguous finished prefix is popped from the deque lazily, when
+    ``committable`` or ``lowest_unfinished`` is read (at commit time, about once
+    a second), not per event. Every offset is appended once and popped once:
+    O(1) amortised per event.
     """
 
-    __slots__ = ("_committable", "_last_added", "_pending", "_unfinished")
+    __slots__ = ("_floor", "_pending", "_unfinished", "last_added")
 
     def __init__(self) -> None:
-        self._pending: deque[int] = deque()  # dispatch order, finished prefix popped
+        # Dispatch order; a prefix of finished offsets may not be popped yet.
+        self._pending: deque[int] = deque()
         self._unfinished: set[int] = set()
-        self._last_added: int | None = None
-        self._committable: int | None = None
+        #: The highest offset added so far (``None`` before the first).
+        self.last_added: int | None = None
+        # Everything added below this is done (``None``: nothing finished yet);
+        # valid as of the last _advance.
+        self._floor: int | None = None
 
     def add(self, offset: int) -> None:
         """Record a dispatched offset; ``ValueError`` unless it is above every earlier one."""
-        if self._last_added is not None and offset <= self._last_added:
+        last = self.last_added
+        if last is not None and offset <= last:
             raise ValueError(
-                f"offset {offset} added after {self._last_added}: offsets must increase "
+                f"offset {offset} added after {last}: offsets must increase "
                 "(start a new tracker after a seek or a new assignment)"
             )
-        if not self._pending and self._committable is not None:
-            self._committable = offset  # all below is done: the gap before it was never delivered
-        self._last_added = offset
+        self.last_added = offset
         self._pending.append(offset)
         self._unfinished.add(offset)
 
@@ -55,22 +61,23 @@ class OffsetTracker:
             self._unfinished.remove(offset)
         except KeyError:
             raise ValueError(f"offset {offset} is not in flight") from None
-        pending = self._pending
-        if pending[0] != offset:
-            return  # finished out of order: the commit waits for the lower ones
-        unfinished = self._unfinished
-        last = pending.popleft()
+
+    def _advance(self) -> None:
+        """Pop the finished prefix of the dispatch order."""
+        pending, unfinished = self._pending, self._unfinished
         while pending and pending[0] not in unfinished:
-            last = pending.popleft()
-        # Every added offset up to ``last`` is done; with gaps (compaction,
-        # transaction markers) the next pending one may be far above it, and
-        # committing ``pending[0]`` is then still right.
-        self._committable = pending[0] if pending else last + 1
+            self._floor = pending.popleft() + 1
+        if pending and self._floor is not None:
+            # Every added offset below pending[0] is done; with gaps (compaction,
+            # transaction markers) it may be far above the last one finished, and
+            # committing it is still right: the gap was never delivered.
+            self._floor = pending[0]
 
     @property
     def committable(self) -> int | None:
         """The offset to commit (next to read), or ``None`` while nothing is finished."""
-        return self._committable
+        self._advance()
+        return self._floor
 
     @property
     def in_flight(self) -> int:
@@ -80,11 +87,8 @@ class OffsetTracker:
     @property
     def lowest_unfinished(self) -> int | None:
         """The lowest dispatched offset not finished yet, or ``None``."""
+        self._advance()
         return self._pending[0] if self._pending else None
-
-    @property
-    def last_added(self) -> int | None:
-        return self._last_added
 
 
 @dataclass(frozen=True, slots=True)
