@@ -41,6 +41,7 @@ class _Executor:
     """One worker/actor: a bounded FIFO and the bookkeeping around it."""
 
     __slots__ = (
+        "current",
         "dead_letters",
         "drain_targets",
         "failed",
@@ -71,6 +72,8 @@ class _Executor:
         self.timed = timed
         self.queue: deque[tuple[Message, Completion | None]] = deque()
         self.running = False
+        # The event of the current (or last) call; meaningful while ``running``.
+        self.current: Message | None = None
         # Aggregates whose failing event waits out its retry backoff, and the
         # events of theirs met in the queue meanwhile (see BasePool._park).
         self.parked: dict[str, _Parked] = {}
@@ -231,7 +234,9 @@ class BasePool:
         # sink logs it once published, with its ID): one line per dead letter.
         self._log_dead_letters = options.log_dead_letters
         self._router = Router(size)
-        self._route_memo = self._router.memo
+        # aggregate ID -> its executor, bounded like the router's memo: one dict
+        # lookup per event on the hot path.
+        self._by_key: dict[str, _Executor] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         run, timed = self._new_runner(handler)
         self._executors = [_Executor(i, run, timed) for i in range(size)]
@@ -242,6 +247,8 @@ class BasePool:
         self._report_each = self._metered and not (callable(bind) and bind(self))
         self._started = False
         self._closing = False
+        # Started and not closing: the one check of the hot intake path.
+        self._open = False
         self._closed = False
         self._close_lock = asyncio.Lock()
 
@@ -278,6 +285,25 @@ class BasePool:
 
     # ------------------------------------------ counts for a bound collector
     # (pool.PoolStats: read from the scrape's thread; plain reads, no lock)
+    def in_flight_by_aggregate(self) -> dict[str, int]:
+        """Unfinished events per aggregate ID: queued, running, waiting out a
+        retry backoff or deferred behind one. O(events in flight)."""
+        counts: dict[str, int] = {}
+        for ex in self._executors:
+            for message, _ in ex.queue:
+                key = message.aggregate_id
+                counts[key] = counts.get(key, 0) + 1
+            parked = ex.parked
+            for key, entry in parked.items():  # the parked event and those behind it
+                counts[key] = counts.get(key, 0) + 1 + len(entry.deferred)
+            current = ex.current
+            if ex.running and current is not None:
+                key = current.aggregate_id
+                retried = parked.get(key)
+                if retried is None or retried.message is not current:  # not a parked one's retry
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def sent_counts(self) -> list[int]:
         """Events accepted into each executor's queue since the start, by index."""
         return [ex.submitted for ex in self._executors]
@@ -309,6 +335,7 @@ class BasePool:
             raise PoolClosedError(f"{self._mode} pool is closed")
         self._started = True
         self._loop = asyncio.get_running_loop()
+        self._open = True
         if self._thread_pool is None:
             self._thread_pool = ThreadPoolExecutor(
                 max_workers=self._threads_n, thread_name_prefix=f"{self._mode}-handler"
@@ -341,12 +368,10 @@ class BasePool:
         is reported only to the finish listeners. The hot path of the Kafka
         consumer: a future per event costs more than the rest of the pool.
         (:meth:`enqueue_nowait` without a future, written out: one call less.)"""
-        if self._closing or self._loop is None:
+        if not self._open:
             self.enqueue_nowait(message, False)  # raises, or starts the pool
             return
-        key = message.aggregate_id
-        index = self._route_memo.get(key)
-        ex = self._executors[self._router(key) if index is None else index]
+        ex = self._by_key.get(message.aggregate_id) or self._executor_of(message.aggregate_id)
         queue = ex.queue
         depth = len(queue) + ex.running + ex.held
         if depth >= self._capacity:
@@ -381,9 +406,7 @@ class BasePool:
         if loop is None:
             self.start()
             loop = asyncio.get_running_loop()
-        key = message.aggregate_id
-        index = self._route_memo.get(key)
-        ex = self._executors[self._router(key) if index is None else index]
+        ex = self._by_key.get(message.aggregate_id) or self._executor_of(message.aggregate_id)
         depth = len(ex.queue) + ex.running + ex.held
         if depth >= self._capacity:
             raise QueueFullError(ex.index, self._capacity)
@@ -400,6 +423,15 @@ class BasePool:
             if not wakeup.done():
                 wakeup.set_result(None)
         return future
+
+    def _executor_of(self, aggregate_id: str) -> _Executor:
+        """The executor of ``aggregate_id``, remembered (the memo is cleared when full)."""
+        ex = self._executors[self._router(aggregate_id)]
+        by_key = self._by_key
+        if len(by_key) >= 65536:
+            by_key.clear()
+        by_key[aggregate_id] = ex
+        return ex
 
     async def wait_for_space(self, index: int) -> None:
         ex = self._executors[index]
@@ -449,6 +481,8 @@ class BasePool:
         report_each = self._report_each
         latency = ex.latency
         bounds = LATENCY_BUCKETS
+        # The executor's runner; a restart may swap it (see _use_handler).
+        run, timed = ex.run, ex.timed
         capacity = self._capacity
         listeners = self._listeners
         started = 0.0
@@ -472,7 +506,8 @@ class BasePool:
                 await wakeup
                 continue
             ex.running = True
-            if ex.timed:
+            ex.current = message
+            if timed:
                 wd.deadline = deadline = loop_time() + timeout
                 if wd.timer is None:
                     wd.timer = call_at(deadline, check)
@@ -481,7 +516,7 @@ class BasePool:
             if metered:
                 started = clock()
             try:
-                await ex.run(message)
+                await run(message)
             except BaseException as exc:
                 error = exc
                 if wd.expired:  # the watchdog cancelled this call
@@ -504,6 +539,7 @@ class BasePool:
                     outcome = self._dead_letter(
                         index, message, DeadLetterReason.INTERNAL_ERROR, bug, attempts=0
                     )
+                run, timed = ex.run, ex.timed  # the supervisor may have restarted it
                 if isinstance(outcome, _Retry):
                     ex.running = False
                     self._park(ex, retry, message, future, attempts, error)
@@ -709,6 +745,7 @@ class BasePool:
             if self._closed:
                 return
             self._closing = True
+            self._open = False
             for ex in self._executors:  # submitters blocked on a full queue
                 while ex.space_waiters:
                     waiter = ex.space_waiters.popleft()
