@@ -215,8 +215,9 @@ async def _one_round(args: argparse.Namespace) -> dict[str, float]:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
-    if args.setup_only:  # the instruction-count baseline (see --instructions)
+    if args.setup_only:  # what a round costs besides its events (instruction counts)
         await switch.close()
+        gc.unfreeze()
         return {"cpu_us_per_event": 0.0, "events_per_s": 0.0}
     consumer._fetching = True
     cpu0, wall0 = time.process_time(), time.perf_counter()

@@ -9,7 +9,7 @@ at-least-once rule of docs/design.md.
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_left
 from dataclasses import dataclass
 
 
@@ -23,24 +23,31 @@ class OffsetTracker:
     highest offset such that every added offset below it is done, + 1. It only
     ever moves forward.
 
-    Cost: a deque of offsets in dispatch order plus the set of unfinished
-    ones. ``add`` appends to both and ``done`` only removes from the set: the
-    contiguous finished prefix is popped from the deque lazily, when
-    ``committable`` or ``lowest_unfinished`` is read (at commit time, about once
-    a second), not per event. Every offset is appended once and popped once:
-    O(1) amortised per event.
+    Cost: a list of the offsets in dispatch order (sorted) plus the set of
+    unfinished ones. ``add`` appends to both and ``done`` only removes from the
+    set: nothing per event moves the commit point. It moves when it is read
+    (at commit time, about once a second): everything below the lowest
+    unfinished offset (``min`` of the set, in C) is done, and a binary search
+    finds it in the list, whose finished prefix is then dropped. So the
+    per-event cost is two appends and a removal; the read costs a pass over
+    the unfinished offsets, not over the events finished since the last one.
     """
 
-    __slots__ = ("_floor", "_pending", "_unfinished", "last_added")
+    __slots__ = ("_floor", "_head", "_pending", "_unfinished", "last_added")
+
+    #: The finished prefix of ``_pending`` is dropped once it is this long and
+    #: more than half of the list.
+    COMPACT_AT = 4096
 
     def __init__(self) -> None:
-        # Dispatch order; a prefix of finished offsets may not be popped yet.
-        self._pending: deque[int] = deque()
+        # Offsets in dispatch order (increasing); those before ``_head`` are done.
+        self._pending: list[int] = []
+        self._head = 0
         self._unfinished: set[int] = set()
         #: The highest offset added so far (``None`` before the first).
         self.last_added: int | None = None
-        # Everything added below this is done (``None``: nothing finished yet);
-        # valid as of the last _advance.
+        # Everything added below this is done (``None``: nothing finished yet),
+        # as of the last _advance.
         self._floor: int | None = None
 
     def add(self, offset: int) -> None:
@@ -63,15 +70,30 @@ class OffsetTracker:
             raise ValueError(f"offset {offset} is not in flight") from None
 
     def _advance(self) -> None:
-        """Pop the finished prefix of the dispatch order."""
-        pending, unfinished = self._pending, self._unfinished
-        while pending and pending[0] not in unfinished:
-            self._floor = pending.popleft() + 1
-        if pending and self._floor is not None:
-            # Every added offset below pending[0] is done; with gaps (compaction,
-            # transaction markers) it may be far above the last one finished, and
-            # committing it is still right: the gap was never delivered.
-            self._floor = pending[0]
+        """Move the commit point up to the lowest unfinished offset."""
+        pending, head = self._pending, self._head
+        if head == len(pending):
+            return  # nothing added since the last advance
+        unfinished = self._unfinished
+        if pending[head] in unfinished:  # the lowest one is not finished yet
+            if self._floor is not None:
+                self._floor = pending[head]  # everything below it is (a gap before it)
+            return
+        if not unfinished:
+            self._floor = pending[-1] + 1
+            pending.clear()
+            self._head = 0
+            return
+        # Every added offset below the lowest unfinished one is done; with gaps
+        # (compaction, transaction markers) it may be far above the last one
+        # finished, and committing it is still right: the gap was never delivered.
+        lowest = min(unfinished)
+        self._floor = lowest
+        head = bisect_left(pending, lowest, head)
+        if head >= self.COMPACT_AT and head * 2 > len(pending):
+            del pending[:head]
+            head = 0
+        self._head = head
 
     @property
     def committable(self) -> int | None:
@@ -87,8 +109,11 @@ class OffsetTracker:
     @property
     def lowest_unfinished(self) -> int | None:
         """The lowest dispatched offset not finished yet, or ``None``."""
+        unfinished = self._unfinished
+        if not unfinished:
+            return None
         self._advance()
-        return self._pending[0] if self._pending else None
+        return self._pending[self._head]
 
 
 @dataclass(frozen=True, slots=True)
