@@ -140,7 +140,7 @@ class ActorPool(BasePool):
             return True
         now = self._clock()
         budget = actor.budget
-        handled = ex.finished - ex.dead_letters
+        handled = ex.ok
         if handled != actor.handled_at_crash:  # progress since the last crash
             actor.handled_at_crash = handled
             budget.reset()

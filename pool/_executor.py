@@ -45,7 +45,6 @@ class _Executor:
         "dead_letters",
         "drain_targets",
         "failed",
-        "finished",
         "held",
         "index",
         "latency",
@@ -84,13 +83,13 @@ class _Executor:
         self.wakeup: asyncio.Future[None] | None = None
         self.space_waiters: deque[asyncio.Future[None]] = deque()
         self.submitted = 0
-        self.finished = 0
-        # Events finished as dead letters: ``finished - dead_letters`` were handled.
+        # Events handled (a handler attempt succeeded) and finished as dead
+        # letters: together, the events finished (see ``finished``).
+        self.ok = 0
         self.dead_letters = 0
-        # Handler attempts that succeeded / failed, and their durations: per
+        # Handler attempts that failed, and the durations of all attempts: per
         # bucket of LATENCY_BUCKETS (the last slot above the largest) and summed.
         # Kept only for a collector bound to the pool (see PoolStats).
-        self.ok = 0
         self.failed = 0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
@@ -101,6 +100,11 @@ class _Executor:
     @property
     def depth(self) -> int:
         return len(self.queue) + self.running + self.held
+
+    @property
+    def finished(self) -> int:
+        """Events finished: handled or dead-lettered."""
+        return self.ok + self.dead_letters
 
 
 class _Parked:
@@ -124,9 +128,9 @@ class _Watchdog:
     per call (``asyncio.timeout`` costs a timer handle, a heap push and two
     Python-level context-manager calls per event).
 
-    The executor loop stamps each timed call's ``deadline`` (one ``loop.time()``)
-    and arms the timer only when none is armed. When the timer fires it looks at
-    the call running then: past its deadline, it cancels the executor's task and
+    The executor loop stamps each timed call's start (one ``loop.time()``) and
+    arms the timer only when none is armed. When the timer fires it looks at the
+    call running then: past its deadline, it cancels the executor's task and
     sets ``expired`` (the loop turns the cancellation into ``TimeoutError``, as
     ``asyncio.timeout`` does, and clears the flag); not yet, it re-arms at that
     call's deadline; no timed call running, it stays off until the next one. So
@@ -135,29 +139,34 @@ class _Watchdog:
     armed timer fires once more, finds no call and stops.)
     """
 
-    __slots__ = ("deadline", "ex", "expired", "loop", "task", "timer")
+    __slots__ = ("ex", "expired", "loop", "started", "task", "timeout", "timer")
 
     #: Timers may fire this much before their time (clock granularity).
     EARLY = 0.001
 
     def __init__(
-        self, ex: _Executor, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop
+        self,
+        ex: _Executor,
+        task: asyncio.Task[Any],
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
     ) -> None:
         self.ex = ex
         self.task = task
         self.loop = loop
-        # The deadline of the executor's current (or last) timed call; 0.0 while
-        # the call running is not timed (a sync handler).
-        self.deadline = 0.0
+        self.timeout = timeout
+        # When the executor's current (or last) timed call started (loop time).
+        self.started = 0.0
         # The watchdog cancelled the running call; the loop has not seen it yet.
         self.expired = False
         self.timer: asyncio.TimerHandle | None = None
 
     def check(self) -> None:
         self.timer = None
-        deadline = self.deadline
-        if not self.ex.running or not deadline or self.expired:
+        ex = self.ex
+        if not ex.running or not ex.timed or self.expired:
             return  # idle or untimed (the next timed call arms), or already cancelled
+        deadline = self.started + self.timeout
         if self.loop.time() >= deadline - self.EARLY:
             self.expired = True
             self.task.cancel()
@@ -463,8 +472,8 @@ class BasePool:
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         task = asyncio.current_task(loop)
         assert task is not None
-        wd = _Watchdog(ex, task, loop)
         timeout = self._handler_timeout or 0.0
+        wd = _Watchdog(ex, task, loop, timeout)
         loop_time = loop.time
         call_at = loop.call_at
         check = wd.check
@@ -508,11 +517,9 @@ class BasePool:
             ex.running = True
             ex.current = message
             if timed:
-                wd.deadline = deadline = loop_time() + timeout
+                wd.started = loop_time()
                 if wd.timer is None:
-                    wd.timer = call_at(deadline, check)
-            else:
-                wd.deadline = 0.0
+                    wd.timer = call_at(wd.started + timeout, check)
             if metered:
                 started = clock()
             try:
@@ -530,7 +537,7 @@ class BasePool:
                         future.cancel()  # the pool is being terminated
                     raise
                 if metered:
-                    self._count_attempt(ex, False, clock() - started)
+                    self._count_attempt(ex, clock() - started)
                 try:
                     attempts = 1 if retry is None else retry.attempts + 1
                     outcome = self._after_failure(ex, message, error, attempts)
@@ -554,10 +561,9 @@ class BasePool:
                     took = clock() - started
                     latency[bisect_left(bounds, took)] += 1
                     ex.latency_sum += took
-                    ex.ok += 1
+                ex.ok += 1
                 outcome = None
             ex.running = False
-            ex.finished += 1
             if retry is not None:
                 self._unpark(ex, retry)
             if report_each:
@@ -571,17 +577,14 @@ class BasePool:
             if ex.drain_targets:
                 self._check_drain(ex)
 
-    def _count_attempt(self, ex: _Executor, success: bool, took: float) -> None:
-        """Count a handler attempt (the executor loop inlines the successful case)."""
+    def _count_attempt(self, ex: _Executor, took: float) -> None:
+        """Count a failed handler attempt (the executor loop inlines the others)."""
         if self._report_each:
-            self._metrics.message_processed(ex.index, success, took)
+            self._metrics.message_processed(ex.index, False, took)
             return
         ex.latency[bisect_left(LATENCY_BUCKETS, took)] += 1
         ex.latency_sum += took
-        if success:
-            ex.ok += 1
-        else:
-            ex.failed += 1
+        ex.failed += 1
 
     def _on_crash(self, ex: _Executor, error: BaseException, attempts: int) -> bool:
         """React to the ``attempts``-th failure of an event; False escalates
