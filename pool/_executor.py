@@ -490,6 +490,7 @@ class BasePool:
         report_each = self._report_each
         latency = ex.latency
         bounds = LATENCY_BUCKETS
+        first_bound = bounds[0]
         # The executor's runner; a restart may swap it (see _use_handler).
         run, timed = ex.run, ex.timed
         capacity = self._capacity
@@ -559,7 +560,8 @@ class BasePool:
                     processed(index, True, clock() - started)
                 elif metered:  # a bound collector reads these counts at scrape time
                     took = clock() - started
-                    latency[bisect_left(bounds, took)] += 1
+                    # Most calls fall in the first bucket: no search for them.
+                    latency[0 if took <= first_bound else bisect_left(bounds, took)] += 1
                     ex.latency_sum += took
                 ex.ok += 1
                 outcome = None

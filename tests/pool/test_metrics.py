@@ -376,3 +376,28 @@ def test_a_collector_binds_to_one_pool_of_its_size() -> None:
     assert not first._report_each
     assert other_size._report_each  # told per event, as any collector without bind
     assert second._report_each
+
+
+async def test_a_bound_collector_buckets_each_attempt_as_one_told_per_event() -> None:
+    """The pool's own latency buckets (a bound collector's) place each duration
+    where ``message_processed`` does, bounds included."""
+    durations = [0.00005, 0.0001, 0.00011, 0.003, 0.003, 40.0]
+    ticks: list[float] = []
+    for d in durations:  # start and end of each attempt, in call order
+        ticks += [0.0, d]  # exact differences
+    clock = iter(ticks)
+
+    async def handler(m: Message) -> None:
+        pass
+
+    bound_registry, told_registry = CollectorRegistry(), CollectorRegistry()
+    bound = PrometheusPoolMetrics("keyed", 1, bound_registry)
+    told = PrometheusPoolMetrics("keyed", 1, told_registry)
+    pool = KeyedWorkerPool(handler, PoolOptions(size=1), metrics=bound, clock=lambda: next(clock))
+    async with pool:
+        for i in range(len(durations)):
+            await (await pool.submit(msg("a", i)))
+    for d in durations:
+        told.message_processed(0, True, d)
+        told.message_sent(0)
+    assert samples(bound_registry) == samples(told_registry)
