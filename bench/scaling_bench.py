@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/scaling_bench.py [--events 200000] [--aggregates 10000]
         [--partitions 8] [--latencies 0,1,10] [--replicas 1,2] [--rounds 1]
-        [--mode keyed] [--idle-seconds 10] [--json bench/results/scaling_bench.json]
-        [--quick]
+        [--mode keyed] [--set KEY=VALUE ...] [--idle-seconds 10]
+        [--json bench/results/scaling_bench.json] [--quick]
 
 Built on ``bench/service_bench.py`` (its process runner ``ShippedService``, the
 backlog producer, CPU from ``/proc`` and the committed-offsets check): every
@@ -205,6 +205,9 @@ class ScalingBench:
         self.idle_topic = "scale-idle"
         self.ends: dict[int, int] = {}
         self.n = 0
+        # ``--set KEY=VALUE``: the same on every replica (and the primer), e.g.
+        # pool.keyed.workers=512 against a second replica. None by default.
+        self.settings = dict(kv.split("=", 1) for kv in args.set)
 
     def _service(
         self,
@@ -218,7 +221,7 @@ class ScalingBench:
         return ShippedService(
             self.broker.bootstrap, topic, self.workdir, group=group, mode=self.args.mode,
             handler=COUNT_HANDLER, latency_ms=latency_ms, env=env, name=name,
-            overrides=overrides,
+            overrides={**self.settings, **(overrides or {})},
         )  # fmt: skip
 
     async def setup(self) -> None:
@@ -546,6 +549,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "aggregates": args.aggregates,
         "backlog_events": args.events,
         "rounds": args.rounds,
+        "settings": dict(kv.split("=", 1) for kv in args.set),
     }
     broker = EmbeddedBroker(log_path=workdir / "tansu.log")
     await asyncio.to_thread(broker.start)
@@ -580,6 +584,13 @@ def main() -> None:
     p.add_argument("--replicas", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2])
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--mode", choices=("keyed", "actor"), default="keyed")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every replica (default: none, the shipped defaults)",
+    )
     p.add_argument("--idle-seconds", type=float, default=10.0, help="0: no idle measurement")
     p.add_argument("--timeout", type=float, default=300.0, help="per drain")
     p.add_argument("--json", default="bench/results/scaling_bench.json")
@@ -588,6 +599,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.events, args.aggregates, args.idle_seconds = 3_000, 500, 1.0
+    if any("=" not in kv for kv in args.set):
+        p.error("--set takes KEY=VALUE")
     if max(args.replicas) > args.partitions:
         p.error("more replicas than partitions: the extra ones would idle")
     report = run_loop(main_async(args))
