@@ -455,9 +455,17 @@ def _progress(row: dict[str, Any]) -> str:
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (handler, replicas): medians over the rounds (events/s with its range),
-    and the speed-up over the fewest replicas of the same handler and round."""
+    and the speed-up over the fewest replicas of the same handler and round.
+    ``quietest``: the round in which the other jobs on the machine took the least
+    (the most of both cores the bench had), its speed-up over the quietest row
+    of the fewest replicas."""
     by = {(r["handler_ms"], r["replicas"], r["round"]): r for r in rows}
     base = min(r["replicas"] for r in rows)
+    quietest: dict[tuple[float, int], dict[str, Any]] = {}
+    for r in rows:
+        q = quietest.get((r["handler_ms"], r["replicas"]))
+        if q is None or r["other_cores"] < q["other_cores"]:
+            quietest[(r["handler_ms"], r["replicas"])] = r
     out = []
     for latency, replicas in dict.fromkeys((r["handler_ms"], r["replicas"]) for r in rows):
         sel = [r for r in rows if (r["handler_ms"], r["replicas"]) == (latency, replicas)]
@@ -467,6 +475,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if (one := by.get((latency, base, r["round"]))) and one["events_per_s"]
         ]
         rates = [r["events_per_s"] for r in sel]
+
+        quiet, quiet_one = quietest[(latency, replicas)], quietest.get((latency, base))
 
         def med(key: str, sel: list[dict[str, Any]] = sel) -> float:
             return round(float(statistics.median(r[key] for r in sel)), 3)
@@ -489,6 +499,17 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "broker_cores": round(med("broker_cores"), 2),
                 "machine_busy_cores": round(med("machine_busy_cores"), 2),
                 "other_cores": round(med("other_cores"), 2),
+                "quietest": {
+                    "round": quiet["round"],
+                    "events_per_s": quiet["events_per_s"],
+                    "speedup": round(quiet["events_per_s"] / quiet_one["events_per_s"], 2)
+                    if quiet_one and quiet_one["events_per_s"]
+                    else None,
+                    "cpu_us_per_event": quiet["cpu_us_per_event"],
+                    "replica_cores": quiet["replica_cores"],
+                    "broker_cores": quiet["broker_cores"],
+                    "other_cores": quiet["other_cores"],
+                },
             }
         )
     return out
@@ -514,6 +535,26 @@ def table(report: dict[str, Any]) -> str:
             f"| {s['replica_cores']:.2f} | {s['broker_cores']:.2f} "
             f"({s['broker_cpu_us_per_event']} µs/ev) | {s['other_cores']:.2f} |"
         )
+    if report["rounds"] > 1:
+        out += [
+            "",
+            "quietest round of each row (the least taken by other jobs):",
+            "",
+            (
+                "| handler | replicas | round | events/s | speed-up | CPU µs/event | events/s "
+                "per core | cores: replicas | broker | other jobs |"
+            ),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in report["summary"]:
+            q = s["quietest"]
+            speed = "-" if q["speedup"] is None else f"{q['speedup']:.2f}"
+            per_core = round(1e6 / q["cpu_us_per_event"]) if q["cpu_us_per_event"] else 0
+            out.append(
+                f"| {s['handler_ms']:g} ms | {s['replicas']} | {q['round']} "
+                f"| {q['events_per_s']:,} | {speed} | {q['cpu_us_per_event']} | {per_core:,} "
+                f"| {q['replica_cores']:.2f} | {q['broker_cores']:.2f} | {q['other_cores']:.2f} |"
+            )
     idle = report.get("idle")
     if idle:
         on, off = idle["control_on"], idle["control_off"]
