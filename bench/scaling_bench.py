@@ -35,6 +35,14 @@ sampled every 5 ms, between the same two marks. ``events/s per core`` is the
 backlog over the replicas' CPU seconds (= events/s over the cores the
 replicas used): what one core buys at that handler latency.
 
+Executor bound: with a handler latency L, an executor handles at most 1/L
+events/s, and a replica's executors are not evenly loaded (aggregates are
+hashed onto them): the backlog cannot drain faster than the backlog over
+(the events of the busiest executor of any replica x L). The bench computes
+it from the backlog's layout (``backlog_layout``: the producer's partitioner,
+checked against the end offsets), each replica's partitions and the pool size
+(256, or ``--set pool.keyed.workers=N``).
+
 Idle: one replica with nothing to consume (an empty topic of
 ``--partitions`` partitions) for ``--idle-seconds``, with fleet control on
 (the default) and off (``control.enabled=false``), and the broker alone: the
@@ -64,6 +72,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+from aiokafka.partitioner import DefaultPartitioner  # noqa: E402
 
 from bench.campaigns._harness import wait_for  # noqa: E402
 from bench.e2e_bench import produce_backlog  # noqa: E402
@@ -75,6 +84,7 @@ from bench.service_bench import (  # noqa: E402
     _read_marks,
     cpu_seconds,
 )
+from pool import executor_index  # noqa: E402
 from server.__main__ import run_loop  # noqa: E402
 from server._broker import EmbeddedBroker  # noqa: E402
 
@@ -118,6 +128,24 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, 
         return {tp.partition: int(consumer.highwater(tp) or 0) for tp in tps}
     finally:
         await consumer.stop()
+
+
+#: The pool size setting of each mode (``pool.<key>``; 256 by default).
+POOL_SIZE_KEYS = {"keyed": "keyed.workers", "actor": "actor.actors"}
+
+
+def backlog_layout(events: int, aggregates: int, partitions: int) -> dict[int, dict[str, int]]:
+    """Events per aggregate in each partition, as :func:`produce_backlog` keys
+    them (``agg-<i % aggregates>``) and the producer's default partitioner
+    places them (checked against the topic's end offsets by the caller)."""
+    partitioner = DefaultPartitioner()
+    every = list(range(partitions))
+    layout: dict[int, dict[str, int]] = {p: {} for p in every}
+    for i in range(min(events, aggregates)):
+        agg = f"agg-{i}"
+        n = events // aggregates + (1 if i < events % aggregates else 0)
+        layout[partitioner(agg.encode(), every, every)][agg] = n
+    return layout
 
 
 @dataclass
@@ -204,6 +232,7 @@ class ScalingBench:
         self.backlog = self.bench.backlog
         self.idle_topic = "scale-idle"
         self.ends: dict[int, int] = {}
+        self.layout: dict[int, dict[str, int]] = {}
         self.n = 0
         # ``--set KEY=VALUE``: the same on every replica (and the primer), e.g.
         # pool.keyed.workers=512 against a second replica. None by default.
@@ -233,6 +262,26 @@ class ScalingBench:
         self.ends = await end_offsets(self.broker.bootstrap, self.backlog, a.partitions)
         if sum(self.ends.values()) != a.events:
             raise RuntimeError(f"backlog end offsets {self.ends} do not add up to {a.events}")
+        self.layout = backlog_layout(a.events, a.aggregates, a.partitions)
+        if {p: sum(aggs.values()) for p, aggs in self.layout.items()} != self.ends:
+            self.layout = {}  # not the producer's partitioning: no executor bound
+
+    def executor_bound(self, owned: Sequence[Sequence[int]], latency_ms: float) -> int | None:
+        """The fastest the backlog can drain with ``owned`` partitions per replica
+        and this handler latency: each executor handles one event at a time, so
+        the replica whose busiest executor has the most events finishes last."""
+        if not latency_ms or not self.layout:
+            return None
+        size = int(self.settings.get(f"pool.{POOL_SIZE_KEYS[self.args.mode]}", 256))
+        busiest = 0
+        for parts in owned:
+            load: dict[int, int] = {}
+            for p in parts:
+                for agg, n in self.layout[p].items():
+                    i = executor_index(agg, size)
+                    load[i] = load.get(i, 0) + n
+            busiest = max(busiest, max(load.values(), default=0))
+        return round(self.args.events / (busiest * latency_ms / 1000)) if busiest else None
 
     async def prime(self, group: str, name: str) -> ShippedService:
         """Write a fleet-wide pause to ``group``'s control topic before any replica
@@ -334,6 +383,7 @@ class ScalingBench:
             for svc in (primer, *svcs):
                 svc.cleanup()
         row = _row(replicas, latency_ms, rnd, window, owned)
+        row["executor_bound_events_per_s"] = self.executor_bound(owned, latency_ms)
         row.update(
             resume_ms=round(resume_ms, 1),
             commit_s=round(commit_s, 2),
@@ -499,6 +549,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "broker_cores": round(med("broker_cores"), 2),
                 "machine_busy_cores": round(med("machine_busy_cores"), 2),
                 "other_cores": round(med("other_cores"), 2),
+                "executor_bound_events_per_s": sel[0]["executor_bound_events_per_s"],
                 "quietest": {
                     "round": quiet["round"],
                     "events_per_s": quiet["events_per_s"],
@@ -523,15 +574,17 @@ def table(report: dict[str, Any]) -> str:
         return format(lo, fmt) if lo == hi else f"{format(lo, fmt)}-{format(hi, fmt)}"
 
     head = (
-        "| handler | replicas | events/s | speed-up | CPU µs/event (replicas) | events/s "
-        "per core | cores: replicas | broker | other jobs |"
+        "| handler | replicas | events/s | executor bound | speed-up | CPU µs/event (replicas) "
+        "| events/s per core | cores: replicas | broker | other jobs |"
     )
-    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in report["summary"]:
         speed = "1" if s["replicas"] == 1 else rng(s["speedup_range"], ".2f") + "×"  # noqa: RUF001
+        bound = s["executor_bound_events_per_s"]
+        bound_text = "-" if bound is None else format(bound, ",")
         out.append(
             f"| {s['handler_ms']:g} ms | {s['replicas']} | {rng(s['events_per_s_range'], ',.0f')} "
-            f"| {speed} | {s['cpu_us_per_event']} | {s['events_per_s_per_core']:,} "
+            f"| {bound_text} | {speed} | {s['cpu_us_per_event']} | {s['events_per_s_per_core']:,} "
             f"| {s['replica_cores']:.2f} | {s['broker_cores']:.2f} "
             f"({s['broker_cpu_us_per_event']} µs/ev) | {s['other_cores']:.2f} |"
         )

@@ -51,6 +51,8 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
         assert row["replica_cores"] >= 0
         assert row["broker_cores"] >= 0
         assert row["commit_s"] >= 0
+        bound = row["executor_bound_events_per_s"]
+        assert bound is None if row["handler_ms"] == 0 else bound > 0
     summary = {(s["handler_ms"], s["replicas"]): s for s in report["summary"]}
     assert set(summary) == expected
     for (_, replicas), s in summary.items():
