@@ -177,6 +177,7 @@ def _spawn(root: Path, args: argparse.Namespace) -> dict[str, float]:
 
 
 def _describe(root: Path) -> str:
+    """The checkout's commit (its path stays out of the committed results)."""
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -194,7 +195,7 @@ def _describe(root: Path) -> str:
             text=True,
         ).stdout
         dirty = "+changes" if status.strip() else ""
-    return f"{root} ({head}{dirty})"
+    return f"commit {head}{dirty}"
 
 
 def table(report: dict[str, Any]) -> str:
