@@ -23,6 +23,7 @@ from bench.campaigns._harness import (
     read_records,
     read_topic,
     result,
+    wait_for,
 )
 
 NAME = "fleet_storm"
@@ -40,6 +41,10 @@ ROLLOUTS = (0.0, 10.0, 25.0, 50.0, 75.0, 100.0)
 #: its gRPC address (connection refused) and answers it DOWN without waiting.
 HEARTBEAT_MS = 200
 TARGET_P99_MS = 250.0
+
+
+async def _all_assigned(replicas: list[ServiceProcess]) -> bool:
+    return all([await svc.assigned() for svc in replicas])
 
 
 async def run(quick: bool) -> dict[str, Any]:
@@ -86,7 +91,12 @@ async def run(quick: bool) -> dict[str, Any]:
         kinds = {"mode": 0, "rollout": 0}
         errors: list[str] = []
         try:
-            await asyncio.sleep(1.0)  # the stream is flowing, every replica reported
+            # The group formed (every replica owns partitions: its join's rebalances
+            # are over) and the stream has flowed for a second.
+            await wait_for(
+                lambda: _all_assigned(replicas), 60, "every replica owns partitions", 0.2
+            )
+            await asyncio.sleep(1.0)
             for n in range(switches):
                 if n and n % kill_every == 0:
                     if restarting is not None:
@@ -222,7 +232,9 @@ async def run(quick: bool) -> dict[str, Any]:
                     "(first_after_a_kill) probes it, finds its gRPC address refusing "
                     "connections and answers it DOWN (answered_down) instead of waiting. "
                     "The victim restarts in the background while the switches go on "
-                    "(its group join, the rebalance, the backlog it takes over)."
+                    "(its group join, the rebalance, the backlog it takes over). The "
+                    "first switch comes once every replica owns partitions (the group's "
+                    "start-up rebalances are over) and the stream has flowed for 1 s."
                 ),
                 (
                     "Order and loss are judged across the three processes from the "
