@@ -681,8 +681,13 @@ class EventConsumer:
     # -------------------------------------------------------------- rebalance
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
-        consumer = self._consumer
         for tp in assigned:
+            consumer = self._consumer
+            if self._closed or consumer is None:
+                # aiokafka can complete a join while close() leaves the group
+                # (a service stopped right after its start): nothing to take over.
+                log.info("consumer.assignment_ignored", reason="closed")
+                return
             committed = None
             with contextlib.suppress(KafkaError):
                 committed = await consumer.committed(tp)
