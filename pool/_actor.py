@@ -106,7 +106,7 @@ class ActorPool(BasePool):
             h = first
             if actor_factory is not None:
                 h = actor_factory(ex.index)
-                ex.run = self._new_runner(h)
+                self._use_handler(ex, h)
             self._actors.append(_Actor(h, RestartBudget(max_restarts, restart_window)))
 
     @property
@@ -135,12 +135,12 @@ class ActorPool(BasePool):
                 log.exception("pool.actor_factory_failed", executor=index)
             else:
                 actor.handler = handler
-                ex.run = self._new_runner(handler)
+                self._use_handler(ex, handler)
         if attempts > 1:
             return True
         now = self._clock()
         budget = actor.budget
-        handled = ex.finished - ex.dead_letters
+        handled = ex.ok
         if handled != actor.handled_at_crash:  # progress since the last crash
             actor.handled_at_crash = handled
             budget.reset()

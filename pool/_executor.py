@@ -9,6 +9,7 @@ import asyncio
 import inspect
 import random
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import structlog
 from pool._deadletter import DeadLetter, DeadLetterReason
 from pool._errors import DrainTimeoutError, NonRetryableError, PoolClosedError, QueueFullError
 from pool._message import Message
+from pool._metric_defs import LATENCY_BUCKETS
 from pool._metrics import NoopMetrics, PoolMetrics
 from pool._options import PoolOptions
 from pool._protocol import Completion, FinishListener, Handler, PoolMode
@@ -39,11 +41,15 @@ class _Executor:
     """One worker/actor: a bounded FIFO and the bookkeeping around it."""
 
     __slots__ = (
+        "current",
         "dead_letters",
         "drain_targets",
-        "finished",
+        "failed",
         "held",
         "index",
+        "latency",
+        "latency_sum",
+        "ok",
         "parked",
         "queue",
         "ready",
@@ -52,15 +58,21 @@ class _Executor:
         "space_waiters",
         "submitted",
         "task",
+        "timed",
         "wakeup",
     )
 
-    def __init__(self, index: int, run: Callable[[Message], Any]) -> None:
+    def __init__(self, index: int, run: Callable[[Message], Any], timed: bool) -> None:
         self.index = index
-        # Runs the executor's handler once (the actor pool swaps it on restart).
+        # Runs the executor's handler once: the ``async def`` handler itself, or
+        # the thread-pool runner of a sync one (the actor pool swaps both on
+        # restart); ``timed``: the pool's handler timeout applies to it.
         self.run = run
+        self.timed = timed
         self.queue: deque[tuple[Message, Completion | None]] = deque()
         self.running = False
+        # The event of the current (or last) call; meaningful while ``running``.
+        self.current: Message | None = None
         # Aggregates whose failing event waits out its retry backoff, and the
         # events of theirs met in the queue meanwhile (see BasePool._park).
         self.parked: dict[str, _Parked] = {}
@@ -71,9 +83,16 @@ class _Executor:
         self.wakeup: asyncio.Future[None] | None = None
         self.space_waiters: deque[asyncio.Future[None]] = deque()
         self.submitted = 0
-        self.finished = 0
-        # Events finished as dead letters: ``finished - dead_letters`` were handled.
+        # Events handled (a handler attempt succeeded) and finished as dead
+        # letters: together, the events finished (see ``finished``).
+        self.ok = 0
         self.dead_letters = 0
+        # Handler attempts that failed, and the durations of all attempts: per
+        # bucket of LATENCY_BUCKETS (the last slot above the largest) and summed.
+        # Kept only for a collector bound to the pool (see PoolStats).
+        self.failed = 0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
         # (target finished count, drain waiter) pairs: see BasePool.drain.
         self.drain_targets: list[tuple[int, _DrainWaiter]] = []
         self.task: asyncio.Task[None] | None = None
@@ -81,6 +100,11 @@ class _Executor:
     @property
     def depth(self) -> int:
         return len(self.queue) + self.running + self.held
+
+    @property
+    def finished(self) -> int:
+        """Events finished: handled or dead-lettered."""
+        return self.ok + self.dead_letters
 
 
 class _Parked:
@@ -100,45 +124,62 @@ class _Parked:
 
 
 class _Watchdog:
-    """The handler timeout of one executor task: one timer at a time instead of
-    one per call (``asyncio.timeout`` costs a timer handle, a heap push and two
+    """The handler timeout of one executor: one timer at a time instead of one
+    per call (``asyncio.timeout`` costs a timer handle, a heap push and two
     Python-level context-manager calls per event).
 
-    Each call stamps its ``deadline``; a timer armed at the deadline of the call
-    that found none armed checks, when it fires, the call running then: past its
-    deadline, the watchdog cancels the task (the runner turns the cancellation
-    into ``TimeoutError``, as ``asyncio.timeout`` does); not yet, it re-arms at
-    that call's deadline; no call running, it stays off until the next call. So
+    The executor loop stamps each timed call's start (one ``loop.time()``) and
+    arms the timer only when none is armed. When the timer fires it looks at the
+    call running then: past its deadline, it cancels the executor's task and
+    sets ``expired`` (the loop turns the cancellation into ``TimeoutError``, as
+    ``asyncio.timeout`` does, and clears the flag); not yet, it re-arms at that
+    call's deadline; no timed call running, it stays off until the next one. So
     an executor busy with quick calls re-arms about once per timeout period, and
     a hung call is cancelled at its own deadline. (After the pool closes, an
     armed timer fires once more, finds no call and stops.)
     """
 
-    __slots__ = ("call", "deadline", "expired", "loop", "task", "timer")
+    __slots__ = ("ex", "expired", "loop", "started", "task", "timeout", "timer")
 
     #: Timers may fire this much before their time (clock granularity).
     EARLY = 0.001
 
-    def __init__(self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        ex: _Executor,
+        task: asyncio.Task[Any],
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+    ) -> None:
+        self.ex = ex
         self.task = task
         self.loop = loop
-        # Calls begun; the running one's deadline (0.0 when none runs).
-        self.call = 0
-        self.deadline = 0.0
-        # The call the watchdog cancelled, until the runner has seen it (0: none).
-        self.expired = 0
+        self.timeout = timeout
+        # When the executor's current (or last) timed call started (loop time).
+        self.started = 0.0
+        # The watchdog cancelled the running call; the loop has not seen it yet.
+        self.expired = False
         self.timer: asyncio.TimerHandle | None = None
 
     def check(self) -> None:
         self.timer = None
-        deadline = self.deadline
-        if not deadline or self.expired == self.call:
-            return  # idle (the next call arms), or this call is already cancelled
+        ex = self.ex
+        if not ex.running or not ex.timed or self.expired:
+            return  # idle or untimed (the next timed call arms), or already cancelled
+        deadline = self.started + self.timeout
         if self.loop.time() >= deadline - self.EARLY:
-            self.expired = self.call
+            self.expired = True
             self.task.cancel()
         else:
             self.timer = self.loop.call_at(deadline, self.check)
+
+
+def _timed_out(timeout: float, cancelled: BaseException) -> TimeoutError:
+    """The error of a call the watchdog cancelled. As with ``asyncio.timeout``,
+    its cause is the cancellation, whose traceback shows where the call hung."""
+    error = TimeoutError(f"handler timed out after {timeout:g}s")
+    error.__cause__ = cancelled
+    return error
 
 
 class _Retry:
@@ -202,13 +243,21 @@ class BasePool:
         # sink logs it once published, with its ID): one line per dead letter.
         self._log_dead_letters = options.log_dead_letters
         self._router = Router(size)
-        self._route_memo = self._router.memo
+        # aggregate ID -> its executor, bounded like the router's memo: one dict
+        # lookup per event on the hot path.
+        self._by_key: dict[str, _Executor] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        runner = self._new_runner(handler)
-        self._executors = [_Executor(i, runner) for i in range(size)]
+        run, timed = self._new_runner(handler)
+        self._executors = [_Executor(i, run, timed) for i in range(size)]
         self._listeners: list[FinishListener] = []
+        # A collector bound to the pool reads sent counts and depths from it at
+        # scrape time; only an unbound one is told per event.
+        bind = getattr(self._metrics, "bind", None)
+        self._report_each = self._metered and not (callable(bind) and bind(self))
         self._started = False
         self._closing = False
+        # Started and not closing: the one check of the hot intake path.
+        self._open = False
         self._closed = False
         self._close_lock = asyncio.Lock()
 
@@ -241,7 +290,42 @@ class BasePool:
         return self._executors[index].depth
 
     def depths(self) -> list[int]:
-        return [ex.depth for ex in self._executors]
+        return [len(ex.queue) + ex.running + ex.held for ex in self._executors]
+
+    # ------------------------------------------ counts for a bound collector
+    # (pool.PoolStats: read from the scrape's thread; plain reads, no lock)
+    def in_flight_by_aggregate(self) -> dict[str, int]:
+        """Unfinished events per aggregate ID: queued, running, waiting out a
+        retry backoff or deferred behind one. O(events in flight)."""
+        counts: dict[str, int] = {}
+        for ex in self._executors:
+            for message, _ in ex.queue:
+                key = message.aggregate_id
+                counts[key] = counts.get(key, 0) + 1
+            parked = ex.parked
+            for key, entry in parked.items():  # the parked event and those behind it
+                counts[key] = counts.get(key, 0) + 1 + len(entry.deferred)
+            current = ex.current
+            if ex.running and current is not None:
+                key = current.aggregate_id
+                retried = parked.get(key)
+                if retried is None or retried.message is not current:  # not a parked one's retry
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def sent_counts(self) -> list[int]:
+        """Events accepted into each executor's queue since the start, by index."""
+        return [ex.submitted for ex in self._executors]
+
+    def attempt_counts(self) -> tuple[list[int], list[int]]:
+        """Handler attempts that succeeded, and that failed, by executor index."""
+        executors = self._executors
+        return [ex.ok for ex in executors], [ex.failed for ex in executors]
+
+    def latency_histograms(self) -> tuple[list[list[int]], list[float]]:
+        """Handler attempts per latency bucket, and their summed durations, by executor."""
+        executors = self._executors
+        return [ex.latency[:] for ex in executors], [ex.latency_sum for ex in executors]
 
     def add_finish_listener(self, listener: FinishListener) -> None:
         """Call ``listener(message, dead_letter_or_none)`` synchronously as each event finishes.
@@ -260,6 +344,7 @@ class BasePool:
             raise PoolClosedError(f"{self._mode} pool is closed")
         self._started = True
         self._loop = asyncio.get_running_loop()
+        self._open = True
         if self._thread_pool is None:
             self._thread_pool = ThreadPoolExecutor(
                 max_workers=self._threads_n, thread_name_prefix=f"{self._mode}-handler"
@@ -290,8 +375,27 @@ class BasePool:
     def dispatch_nowait(self, message: Message) -> None:
         """Like :meth:`submit_nowait` without a completion future: the outcome
         is reported only to the finish listeners. The hot path of the Kafka
-        consumer: a future per event costs more than the rest of the pool."""
-        self.enqueue_nowait(message, False)
+        consumer: a future per event costs more than the rest of the pool.
+        (:meth:`enqueue_nowait` without a future, written out: one call less.)"""
+        if not self._open:
+            self.enqueue_nowait(message, False)  # raises, or starts the pool
+            return
+        ex = self._by_key.get(message.aggregate_id) or self._executor_of(message.aggregate_id)
+        queue = ex.queue
+        depth = len(queue) + ex.running + ex.held
+        if depth >= self._capacity:
+            raise QueueFullError(ex.index, self._capacity)
+        queue.append((message, None))
+        ex.submitted += 1
+        if self._report_each:
+            metrics = self._metrics
+            metrics.message_sent(ex.index)
+            metrics.inbox_depth(ex.index, depth + 1, self._capacity)
+        wakeup = ex.wakeup
+        if wakeup is not None:
+            ex.wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
 
     async def dispatch(self, message: Message) -> None:
         """Like :meth:`submit` without a completion future (see :meth:`dispatch_nowait`)."""
@@ -311,16 +415,14 @@ class BasePool:
         if loop is None:
             self.start()
             loop = asyncio.get_running_loop()
-        key = message.aggregate_id
-        index = self._route_memo.get(key)
-        ex = self._executors[self._router(key) if index is None else index]
+        ex = self._by_key.get(message.aggregate_id) or self._executor_of(message.aggregate_id)
         depth = len(ex.queue) + ex.running + ex.held
         if depth >= self._capacity:
             raise QueueFullError(ex.index, self._capacity)
         future: Completion | None = loop.create_future() if with_future else None
         ex.queue.append((message, future))
         ex.submitted += 1
-        if self._metered:
+        if self._report_each:
             metrics = self._metrics
             metrics.message_sent(ex.index)
             metrics.inbox_depth(ex.index, depth + 1, self._capacity)
@@ -330,6 +432,15 @@ class BasePool:
             if not wakeup.done():
                 wakeup.set_result(None)
         return future
+
+    def _executor_of(self, aggregate_id: str) -> _Executor:
+        """The executor of ``aggregate_id``, remembered (the memo is cleared when full)."""
+        ex = self._executors[self._router(aggregate_id)]
+        by_key = self._by_key
+        if len(by_key) >= 65536:
+            by_key.clear()
+        by_key[aggregate_id] = ex
+        return ex
 
     async def wait_for_space(self, index: int) -> None:
         ex = self._executors[index]
@@ -355,10 +466,17 @@ class BasePool:
     async def _run(self, ex: _Executor) -> None:
         """The executor loop: one event at a time, retries of parked events
         first, then the queue. The first attempt of each event is inlined here
-        (the hot path)."""
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        (the hot path): while the queue has events the loop takes them one after
+        the other without a wake-up, and a handler that completes without
+        suspending costs one ``await`` of its coroutine."""
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
+        task = asyncio.current_task(loop)
         assert task is not None
+        timeout = self._handler_timeout or 0.0
+        wd = _Watchdog(ex, task, loop, timeout)
+        loop_time = loop.time
+        call_at = loop.call_at
+        check = wd.check
         queue = ex.queue
         popleft = queue.popleft
         ready = ex.ready
@@ -369,6 +487,12 @@ class BasePool:
         report_depth = metrics.inbox_depth
         clock = self._clock
         metered = self._metered
+        report_each = self._report_each
+        latency = ex.latency
+        bounds = LATENCY_BUCKETS
+        first_bound = bounds[0]
+        # The executor's runner; a restart may swap it (see _use_handler).
+        run, timed = ex.run, ex.timed
         capacity = self._capacity
         listeners = self._listeners
         started = 0.0
@@ -388,44 +512,64 @@ class BasePool:
                     ex.held += 1
                     continue
             else:
-                ex.wakeup = loop.create_future()
-                await ex.wakeup
+                ex.wakeup = wakeup = loop.create_future()
+                await wakeup
                 continue
             ex.running = True
+            ex.current = message
+            if timed:
+                wd.started = loop_time()
+                if wd.timer is None:
+                    wd.timer = call_at(wd.started + timeout, check)
             if metered:
                 started = clock()
             try:
-                await ex.run(message)
+                await run(message)
             except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError) and task.cancelling():
+                error = exc
+                if wd.expired:  # the watchdog cancelled this call
+                    wd.expired = False
+                    if not task.uncancel() and isinstance(exc, asyncio.CancelledError):
+                        # Nobody else cancelled the task: the call timed out.
+                        error = _timed_out(timeout, exc)
+                if isinstance(error, asyncio.CancelledError) and task.cancelling():
                     ex.running = False
                     if future is not None:
                         future.cancel()  # the pool is being terminated
                     raise
                 if metered:
-                    processed(index, False, clock() - started)
+                    self._count_attempt(ex, clock() - started)
                 try:
                     attempts = 1 if retry is None else retry.attempts + 1
-                    outcome = self._after_failure(ex, message, exc, attempts)
+                    outcome = self._after_failure(ex, message, error, attempts)
                 except Exception as bug:  # a defect of ours must not kill the executor
                     log.exception("pool.internal_error", mode=self._mode.value, executor=index)
                     outcome = self._dead_letter(
                         index, message, DeadLetterReason.INTERNAL_ERROR, bug, attempts=0
                     )
+                run, timed = ex.run, ex.timed  # the supervisor may have restarted it
                 if isinstance(outcome, _Retry):
                     ex.running = False
-                    self._park(ex, retry, message, future, attempts, exc)
+                    self._park(ex, retry, message, future, attempts, error)
                     continue
             else:
-                if metered:
+                if wd.expired:  # the handler swallowed the watchdog's cancellation
+                    wd.expired = False
+                    task.uncancel()
+                if report_each:
                     processed(index, True, clock() - started)
+                elif metered:  # a bound collector reads these counts at scrape time
+                    took = clock() - started
+                    # Most calls fall in the first bucket: no search for them.
+                    latency[0 if took <= first_bound else bisect_left(bounds, took)] += 1
+                    ex.latency_sum += took
+                ex.ok += 1
                 outcome = None
             ex.running = False
-            ex.finished += 1
             if retry is not None:
                 self._unpark(ex, retry)
-            if metered:
-                report_depth(index, ex.depth, capacity)
+            if report_each:
+                report_depth(index, len(queue) + ex.held, capacity)
             for listener in listeners:
                 listener(message, outcome)
             if future is not None and not future.done():
@@ -434,6 +578,15 @@ class BasePool:
                 self._wake_space(ex)
             if ex.drain_targets:
                 self._check_drain(ex)
+
+    def _count_attempt(self, ex: _Executor, took: float) -> None:
+        """Count a failed handler attempt (the executor loop inlines the others)."""
+        if self._report_each:
+            self._metrics.message_processed(ex.index, False, took)
+            return
+        ex.latency[bisect_left(LATENCY_BUCKETS, took)] += 1
+        ex.latency_sum += took
+        ex.failed += 1
 
     def _on_crash(self, ex: _Executor, error: BaseException, attempts: int) -> bool:
         """React to the ``attempts``-th failure of an event; False escalates
@@ -500,47 +653,11 @@ class BasePool:
         ex.held -= len(deferred)
         ex.queue.extendleft(reversed(deferred))
 
-    def _new_runner(self, handler: Handler) -> Callable[[Message], Any]:
-        """A coroutine function that runs ``handler`` once, with the timeout."""
-        timeout = self._handler_timeout
+    def _new_runner(self, handler: Handler) -> tuple[Callable[[Message], Any], bool]:
+        """What an executor awaits to run ``handler`` once, and whether the
+        handler timeout applies to it (the executor loop times the call)."""
         if is_async_handler(handler):
-            async_handler = cast("Callable[[Message], Any]", handler)
-            if timeout is None:
-                return async_handler
-
-            # One watchdog per executor task (found by the task: this runner is
-            # shared by the pool's executors), not a timer per call.
-            watchdogs: dict[asyncio.Task[Any], _Watchdog] = {}
-            current_task = asyncio.current_task
-
-            async def run_async_with_timeout(message: Message) -> None:
-                # The pool's loop, not get_running_loop(): on 3.11 that costs a
-                # getpid() system call per call (asyncio.timeout made two).
-                loop = cast(asyncio.AbstractEventLoop, self._loop)
-                task = cast("asyncio.Task[Any]", current_task(loop))
-                wd = watchdogs.get(task)
-                if wd is None:
-                    wd = watchdogs[task] = _Watchdog(task, loop)
-                wd.call += 1
-                call = wd.call
-                wd.deadline = deadline = wd.loop.time() + timeout
-                if wd.timer is None:
-                    wd.timer = wd.loop.call_at(deadline, wd.check)
-                try:
-                    await async_handler(message)
-                except asyncio.CancelledError:
-                    if wd.expired == call:
-                        wd.expired = 0
-                        if not task.uncancel():  # nobody else cancelled the task
-                            raise TimeoutError(f"handler timed out after {timeout:g}s") from None
-                    raise
-                finally:
-                    wd.deadline = 0.0
-                    if wd.expired == call:  # swallowed, or turned into another error
-                        wd.expired = 0
-                        task.uncancel()
-
-            return run_async_with_timeout
+            return cast("Callable[[Message], Any]", handler), self._handler_timeout is not None
 
         sync_handler = cast("Callable[[Message], None]", handler)
 
@@ -550,7 +667,11 @@ class BasePool:
             pool = self._thread_pool
             await asyncio.get_running_loop().run_in_executor(pool, sync_handler, message)
 
-        return run_in_thread
+        return run_in_thread, False
+
+    def _use_handler(self, ex: _Executor, handler: Handler) -> None:
+        """Run ``handler`` in executor ``ex`` from its next call on."""
+        ex.run, ex.timed = self._new_runner(handler)
 
     def _dead_letter(
         self,
@@ -629,6 +750,7 @@ class BasePool:
             if self._closed:
                 return
             self._closing = True
+            self._open = False
             for ex in self._executors:  # submitters blocked on a full queue
                 while ex.space_waiters:
                     waiter = ex.space_waiters.popleft()

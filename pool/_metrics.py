@@ -48,6 +48,34 @@ class PoolMetrics(Protocol):
         """An event of the executor became a dead letter."""
 
 
+class PoolStats(Protocol):
+    """The counts a pool keeps itself, for a collector bound to it
+    (:meth:`PrometheusPoolMetrics.bind`), by executor index.
+
+    Read at scrape time, from the scrape's thread: snapshots of the pool's own
+    per-executor ints (C-level list copies, atomic under the GIL), never a lock
+    on the event loop.
+    """
+
+    @property
+    def capacity(self) -> int:
+        """Bound on each executor's depth."""
+
+    def depths(self) -> list[int]:
+        """Each executor's depth (queued + running + held)."""
+
+    def sent_counts(self) -> list[int]:
+        """Events accepted into each executor's queue."""
+
+    def attempt_counts(self) -> tuple[list[int], list[int]]:
+        """Handler attempts that succeeded, and that failed, per executor."""
+
+    def latency_histograms(self) -> tuple[list[list[int]], list[float]]:
+        """Per executor: attempts per bucket of ``LATENCY_BUCKETS`` (not
+        cumulative; the last slot counts those above the largest bound), and
+        the sum of their durations in seconds."""
+
+
 class NoopMetrics:
     """Discards everything (tests, benchmarks, embedding without Prometheus)."""
 
@@ -88,6 +116,15 @@ class PrometheusPoolMetrics:
     ``per_executor=True`` exports the seven original names per executor
     instead, with an ``actor_id``/``worker_id`` label (the hot path is the
     same either way).
+
+    Bound to the pool it measures (the pool calls :meth:`bind`), it reads
+    the hot counts from the pool at scrape time instead of being told per
+    event: events sent, handler attempts and their latency histogram (the
+    pool keeps them as plain per-executor ints, over the same
+    ``LATENCY_BUCKETS``), and the depths, read from the queues themselves
+    when Prometheus asks. The pool then makes none of the per-event calls
+    (``message_sent``, ``message_processed``, ``inbox_depth``); restarts and
+    dead letters are still reported as they happen.
     """
 
     def __init__(
@@ -118,7 +155,18 @@ class PrometheusPoolMetrics:
         self._dead: dict[tuple[int, str], int] = {}
         self._depth = [0] * size
         self._capacity = [1] * size
+        self._source: PoolStats | None = None
         registry.register(_PoolCollector(self))
+
+    def bind(self, source: PoolStats) -> bool:
+        """Read the hot counts from ``source`` (the pool being measured) at scrape
+        time; see the class docstring. True when bound: the pool then makes no
+        per-event call. A collector binds to one pool, of its size; for a second
+        one (or another size) it returns False and nothing changes."""
+        if self._source is not None or len(source.depths()) != self.size:
+            return False
+        self._source = source
+        return True
 
     def message_sent(self, executor: int) -> None:
         self._sent[executor] += 1
@@ -145,7 +193,32 @@ class PrometheusPoolMetrics:
         self._dead[key] = self._dead.get(key, 0) + 1
 
     def depth_samples(self) -> Iterable[tuple[str, int, int]]:
-        return zip(self._ids, list(self._depth), list(self._capacity), strict=True)
+        depths, capacities = self._depths()
+        return zip(self._ids, depths, capacities, strict=True)
+
+    def _depths(self) -> tuple[list[int], list[int]]:
+        """Snapshots of each executor's depth and capacity."""
+        source = self._source
+        if source is None:
+            return list(self._depth), list(self._capacity)
+        return source.depths(), [source.capacity] * self.size
+
+    def _hot_counts(
+        self,
+    ) -> tuple[list[int], list[int], list[int], list[list[int]], list[float]]:
+        """Snapshots of sent, succeeded and failed attempts, latency buckets and sums."""
+        source = self._source
+        if source is None:
+            return (
+                list(self._sent),
+                list(self._ok),
+                list(self._failed),
+                [b[:] for b in self._buckets],
+                list(self._latency_sum),
+            )
+        ok, failed = source.attempt_counts()
+        buckets, sums = source.latency_histograms()
+        return source.sent_counts(), ok, failed, buckets, sums
 
 
 #: ``le`` label values, formatted as prometheus-client formats its own buckets.
@@ -225,12 +298,10 @@ class _PoolCollector(Collector):
         owner = self._owner
         f = _Families(owner.kind, owner.per_executor)
         # Snapshots (C-level copies, atomic under the GIL) of what the loop thread writes.
-        sent, ok, failed = list(owner._sent), list(owner._ok), list(owner._failed)
-        buckets = [b[:] for b in owner._buckets]
-        sums = list(owner._latency_sum)
+        sent, ok, failed, buckets, sums = owner._hot_counts()
         restarts = None if owner._restarts is None else list(owner._restarts)
         dead = owner._dead.copy()
-        depths, capacities = list(owner._depth), list(owner._capacity)
+        depths, capacities = owner._depths()
         utils = [d / cap if cap else 0.0 for d, cap in zip(depths, capacities, strict=True)]
         if owner.per_executor:
             _add_per_executor(f, owner._ids, sent, ok, failed, buckets, sums, restarts, dead)

@@ -121,6 +121,11 @@ class Pool(Protocol):
     def in_flight(self) -> int:
         """Events submitted and not yet finished, across all executors."""
 
+    def in_flight_by_aggregate(self) -> dict[str, int]:
+        """Events submitted and not yet finished, per aggregate ID (queued,
+        running, or waiting out a retry). Never blocks; costs a pass over the
+        events in flight (the mode switch asks at a change of its rule)."""
+
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every event submitted so far is finished.
 

@@ -14,6 +14,14 @@ those finish; then the held events go to the target pool. Aggregates with
 nothing in flight switch at once. Changing the rule is a synchronous
 assignment on the event loop, so it is atomic: every event submitted after
 ``set_mode``/``set_rollout`` returns is routed by the new rule.
+
+Counting is lazy. While the rule sends every aggregate to one pool, that
+pool's events need no count (nothing can be held behind them, and only a
+change asks which aggregates they belong to): dispatching to it and
+finishing there cost no bookkeeping. A change that makes it a pool some
+aggregates leave counts its unfinished events once, from the pool itself
+(``Pool.in_flight_by_aggregate``), synchronously with the change; from then
+on its events are counted until it is the only target again.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Final, Self, TypeAlias
+from typing import Any, Final, Self
 
 import structlog
 
@@ -77,10 +85,27 @@ class _Held:
         self.pool = _KEYED
 
 
-#: (enqueue, unfinished counts of that pool, unfinished counts of the other pool)
-_Lane: TypeAlias = (
-    "tuple[Callable[[Message, bool], Completion | None], dict[str, int], dict[str, int]]"
-)
+class _Lane:
+    """One pool as the switch routes to it."""
+
+    __slots__ = ("counted", "counts", "dispatch", "enqueue", "mode", "other", "pool")
+
+    def __init__(self, pool: Pool, counts: dict[str, int], other: dict[str, int]) -> None:
+        self.pool = pool
+        self.mode = pool.mode
+        self.enqueue = pool.enqueue_nowait
+        self.dispatch = pool.dispatch_nowait
+        #: Unfinished events per aggregate in this pool, while ``counted``;
+        #: empty otherwise (the pool is then the only target: see the module doc).
+        self.counts = counts
+        self.counted = False
+        #: The other pool's counts.
+        self.other = other
+
+    def count(self, key: str) -> None:
+        """One more unfinished event of ``key`` in this pool."""
+        if self.counted:
+            self.counts[key] = self.counts.get(key, 0) + 1
 
 
 class PoolSwitch:
@@ -115,18 +140,21 @@ class PoolSwitch:
         # Per pool, the aggregates with unfinished events there and how many.
         # An aggregate is in at most one of the two at a time (else it is held).
         # Plain dicts of ints: the hot path allocates nothing per aggregate.
+        # Counted lazily: the only target of the rule is not counted (see the
+        # module docstring).
         self._keyed_counts: dict[str, int] = {}
         self._actor_counts: dict[str, int] = {}
         self._lanes: dict[PoolMode, _Lane] = {
-            PoolMode.KEYED: (keyed.enqueue_nowait, self._keyed_counts, self._actor_counts),
-            PoolMode.ACTOR: (actor.enqueue_nowait, self._actor_counts, self._keyed_counts),
+            PoolMode.KEYED: _Lane(keyed, self._keyed_counts, self._actor_counts),
+            PoolMode.ACTOR: _Lane(actor, self._actor_counts, self._keyed_counts),
         }
+        # Aggregates whose events wait for a handover (rare).
+        self._holding: dict[str, _Held] = {}
         # The lane every aggregate goes to under the current rule, or None when
         # the rollout splits them (then each aggregate's bucket decides).
         self._uniform: _Lane | None = None
         self._update_uniform()
-        # Aggregates whose events wait for a handover (rare).
-        self._holding: dict[str, _Held] = {}
+        self._recount()
         self._buckets: dict[str, int] = {}
         self._held = 0
         self._lock = asyncio.Lock()
@@ -135,8 +163,8 @@ class PoolSwitch:
         self._tasks: set[asyncio.Task[None]] = set()
         self._change_listeners: list[Callable[[SwitchResult], None]] = []
         self._closing = False
-        keyed.add_finish_listener(self._finish_listener(self._keyed_counts))
-        actor.add_finish_listener(self._finish_listener(self._actor_counts))
+        for lane in self._lanes.values():
+            lane.pool.add_finish_listener(self._finish_listener(lane))
 
     # ----------------------------------------------------------- state
     @property
@@ -182,6 +210,28 @@ class PoolSwitch:
         else:
             self._uniform = None
 
+    def _recount(self) -> None:
+        """Count the pools that are no longer the rule's only target; stop
+        counting the one that now is (see the module docstring). Synchronous,
+        right after a change of the rule."""
+        target = self._uniform
+        for lane in self._lanes.values():
+            if lane is not target and not lane.counted:
+                lane.counts.update(lane.pool.in_flight_by_aggregate())
+                lane.counted = True
+        if target is not None and target.counted:
+            # Aggregates held behind their earlier events in the target pool can
+            # follow them there at once: same pool, same executor, in order.
+            waiting_here = [
+                (key, held)
+                for key, held in self._holding.items()
+                if not held.flushing and key in target.counts
+            ]
+            for key, held in waiting_here:
+                self._flush(key, held)
+            target.counts.clear()
+            target.counted = False
+
     def where(self, aggregate_id: str) -> tuple[PoolMode, int]:
         """(pool, executor index) that handles ``aggregate_id``'s next event."""
         if aggregate_id in self._holding:
@@ -216,8 +266,21 @@ class PoolSwitch:
 
     def dispatch_nowait(self, message: Message) -> None:
         """:meth:`submit_nowait` without a completion future: the outcome goes
-        to the finish listeners only (the Kafka consumer's hot path)."""
-        self._route_one(message, False)
+        to the finish listeners only (the Kafka consumer's hot path: the pool's
+        own ``dispatch_nowait``, a few dict lookups, no allocation)."""
+        if self._closing:
+            raise PoolClosedError("pool switch is closed; submit refused")
+        key = message.aggregate_id
+        lane = self._uniform
+        if lane is None:
+            lane = self._lanes[self._target(key, self._mode, self._rollout_bp)]
+        if key not in lane.other and not (self._holding and key in self._holding):
+            lane.dispatch(message)
+            if lane.counted:
+                counts = lane.counts
+                counts[key] = counts.get(key, 0) + 1
+            return
+        self._route_one(message, False)  # held behind its earlier events
 
     async def dispatch(self, message: Message) -> None:
         """:meth:`submit` without a completion future."""
@@ -252,11 +315,10 @@ class PoolSwitch:
         lane = self._uniform
         if lane is None:
             lane = self._lanes[self._target(key, self._mode, self._rollout_bp)]
-        enqueue, counts, other = lane
         holding = self._holding
-        if key not in other and not (holding and key in holding):
-            future = enqueue(message, with_future)
-            counts[key] = counts.get(key, 0) + 1
+        if key not in lane.other and not (holding and key in holding):
+            future = lane.enqueue(message, with_future)
+            lane.count(key)
             return future
         # Earlier events of this aggregate are unfinished in the other pool
         # (or already held): wait behind them.
@@ -270,11 +332,14 @@ class PoolSwitch:
         self._held += 1
         return outer
 
-    def _finish_listener(self, counts: dict[str, int]) -> FinishListener:
-        """The switch's finish listener for the pool whose counts are ``counts``."""
+    def _finish_listener(self, lane: _Lane) -> FinishListener:
+        """The switch's finish listener for the pool of ``lane``."""
         holding = self._holding
+        counts = lane.counts
 
         def finished(message: Message, outcome: DeadLetter | None) -> None:
+            if not lane.counted:
+                return  # the rule's only target: nothing waits for its events
             key = message.aggregate_id
             left = counts[key] - 1
             if left:
@@ -297,11 +362,11 @@ class PoolSwitch:
         """Move the held events of an aggregate whose old pool is now empty."""
         events = held.events
         held.pool = target = self.route(key)
-        enqueue, counts, _ = self._lanes[target]
+        lane = self._lanes[target]
         while events:
             message, outer = events[0]
             try:
-                inner = enqueue(message, outer is not None)
+                inner = lane.enqueue(message, outer is not None)
             except QueueFullError:
                 held.flushing = True
                 self._spawn(self._flush_slowly(key, held))
@@ -314,14 +379,14 @@ class PoolSwitch:
                 continue
             events.popleft()
             self._held -= 1
-            counts[key] = counts.get(key, 0) + 1
+            lane.count(key)
             _chain(inner, outer)
         del self._holding[key]
 
     async def _flush_slowly(self, key: str, held: _Held) -> None:
         events = held.events
-        pool = self.pools[held.pool]
-        counts = self._lanes[held.pool][1]
+        lane = self._lanes[held.pool]
+        pool, counts = lane.pool, lane.counts
         try:
             while events:
                 message, outer = events[0]
@@ -335,7 +400,7 @@ class PoolSwitch:
                     if outer is not None:
                         outer.cancel()
                 else:
-                    counts[key] = counts.get(key, 0) + 1
+                    lane.count(key)  # counted or not as the pool is now
                     _chain(inner, outer)
                 events.popleft()
                 self._held -= 1
@@ -391,6 +456,7 @@ class PoolSwitch:
                 self.generation += 1
                 self.since = self._wall_clock()
                 self._update_uniform()
+                self._recount()
                 target = self._target
                 waiting = {key for key, held in self._holding.items() if held.events}
                 waiting.update(

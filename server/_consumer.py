@@ -205,7 +205,6 @@ class _Partition:
         "backlog_task",
         "committed",
         "consumed_counter",
-        "finished",
         "listed_end",
         "revoked",
         "tp",
@@ -225,7 +224,6 @@ class _Partition:
         #: not fetched, so aiokafka's high watermark stops moving).
         self.listed_end: int | None = None
         self.revoked = False
-        self.finished = 0
         #: Tracked offsets that will never finish here (dropped backlog on revoke,
         #: events cancelled by a terminated pool): excluded from "busy".
         self.abandoned = 0
@@ -287,7 +285,9 @@ class EventConsumer:
         self._finished_total = 0
         self._throttled = False
         self._room = asyncio.Event()
+        #: Set as events finish while ``_progress_waiters`` wait on it (only then).
         self._progress = asyncio.Event()
+        self._progress_waiters = 0
         self._commit_lock = asyncio.Lock()
         self._last_commit_at = clock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -418,9 +418,7 @@ class EventConsumer:
                 wait = min(wait, deadline - self._clock())
                 if wait <= 0:
                     return left
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), wait)
+            await self._wait_progress(wait)
 
     async def shutdown(self, timeout: float) -> int:
         """Stop fetching, wait up to ``timeout`` for in-flight events, commit, close.
@@ -567,14 +565,24 @@ class EventConsumer:
     # ---------------------------------------------------------- completion
 
     def _on_finished(self, message: Message, outcome: DeadLetter | None) -> None:
-        """The pool's finish listener: runs synchronously as each event finishes."""
+        """The pool's finish listener: runs synchronously as each event finishes.
+
+        The hot path of the finish (``_finish`` written out): the offset is
+        marked done in its tracker (the commit point moves when it is read,
+        not here), and the progress event is set only while someone waits."""
         part = self._owners.pop(id(message), None)
         if part is None:
             return  # not dispatched by this consumer
-        if outcome is None:
-            self._finish(part, message.offset)
-        else:
+        if outcome is not None:
             self._spawn(self._dead_letter(part, message.offset, outcome), "consumer.dlq")
+            return
+        part.tracker.done(message.offset)
+        self._finished_total += 1
+        self._in_flight -= 1
+        if self._progress_waiters:
+            self._progress.set()
+        if self._throttled and self._in_flight <= self.options.low_watermark:
+            self._room.set()
 
     async def _dead_letter(self, part: _Partition, offset: int, dead: DeadLetter) -> None:
         """Publish until acknowledged, then mark the offset finished."""
@@ -583,12 +591,22 @@ class EventConsumer:
 
     def _finish(self, part: _Partition, offset: int) -> None:
         part.tracker.done(offset)
-        part.finished += 1
         self._finished_total += 1
         self._in_flight -= 1
-        self._progress.set()
+        if self._progress_waiters:
+            self._progress.set()
         if self._throttled and self._in_flight <= self.options.low_watermark:
             self._room.set()
+
+    async def _wait_progress(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for an event to finish (or a commit)."""
+        self._progress.clear()
+        self._progress_waiters += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), timeout)
+        finally:
+            self._progress_waiters -= 1
 
     def _check_room(self) -> None:
         """Wake a throttled fetch loop after in-flight dropped without a finish."""
@@ -731,9 +749,7 @@ class EventConsumer:
             busy = sum(p.busy for p in parts)
             if busy == 0 or self._clock() >= deadline:
                 break
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), min(0.1, deadline - self._clock()))
+            await self._wait_progress(min(0.1, deadline - self._clock()))
         # Commit them while aiokafka still counts them as ours.
         committed = await self._commit(parts)
         left = sum(p.busy for p in parts)

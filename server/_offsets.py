@@ -9,7 +9,7 @@ at-least-once rule of docs/design.md.
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_left
 from dataclasses import dataclass
 
 
@@ -23,29 +23,42 @@ class OffsetTracker:
     highest offset such that every added offset below it is done, + 1. It only
     ever moves forward.
 
-    Cost: a deque of offsets in dispatch order plus the set of unfinished ones;
-    ``done`` pops the finished prefix from the left, so every offset is
-    appended once and popped once: O(1) amortised per event.
+    Cost: a list of the offsets in dispatch order (sorted) plus the set of
+    unfinished ones. ``add`` appends to both and ``done`` only removes from the
+    set: nothing per event moves the commit point. It moves when it is read
+    (at commit time, about once a second): everything below the lowest
+    unfinished offset (``min`` of the set, in C) is done, and a binary search
+    finds it in the list, whose finished prefix is then dropped. So the
+    per-event cost is two appends and a removal; the read costs a pass over
+    the unfinished offsets, not over the events finished since the last one.
     """
 
-    __slots__ = ("_committable", "_last_added", "_pending", "_unfinished")
+    __slots__ = ("_floor", "_head", "_pending", "_unfinished", "last_added")
+
+    #: The finished prefix of ``_pending`` is dropped once it is this long and
+    #: more than half of the list.
+    COMPACT_AT = 4096
 
     def __init__(self) -> None:
-        self._pending: deque[int] = deque()  # dispatch order, finished prefix popped
+        # Offsets in dispatch order (increasing); those before ``_head`` are done.
+        self._pending: list[int] = []
+        self._head = 0
         self._unfinished: set[int] = set()
-        self._last_added: int | None = None
-        self._committable: int | None = None
+        #: The highest offset added so far (``None`` before the first).
+        self.last_added: int | None = None
+        # Everything added below this is done (``None``: nothing finished yet),
+        # as of the last _advance.
+        self._floor: int | None = None
 
     def add(self, offset: int) -> None:
         """Record a dispatched offset; ``ValueError`` unless it is above every earlier one."""
-        if self._last_added is not None and offset <= self._last_added:
+        last = self.last_added
+        if last is not None and offset <= last:
             raise ValueError(
-                f"offset {offset} added after {self._last_added}: offsets must increase "
+                f"offset {offset} added after {last}: offsets must increase "
                 "(start a new tracker after a seek or a new assignment)"
             )
-        if not self._pending and self._committable is not None:
-            self._committable = offset  # all below is done: the gap before it was never delivered
-        self._last_added = offset
+        self.last_added = offset
         self._pending.append(offset)
         self._unfinished.add(offset)
 
@@ -55,22 +68,38 @@ class OffsetTracker:
             self._unfinished.remove(offset)
         except KeyError:
             raise ValueError(f"offset {offset} is not in flight") from None
-        pending = self._pending
-        if pending[0] != offset:
-            return  # finished out of order: the commit waits for the lower ones
+
+    def _advance(self) -> None:
+        """Move the commit point up to the lowest unfinished offset."""
+        pending, head = self._pending, self._head
+        if head == len(pending):
+            return  # nothing added since the last advance
         unfinished = self._unfinished
-        last = pending.popleft()
-        while pending and pending[0] not in unfinished:
-            last = pending.popleft()
-        # Every added offset up to ``last`` is done; with gaps (compaction,
-        # transaction markers) the next pending one may be far above it, and
-        # committing ``pending[0]`` is then still right.
-        self._committable = pending[0] if pending else last + 1
+        if pending[head] in unfinished:  # the lowest one is not finished yet
+            if self._floor is not None:
+                self._floor = pending[head]  # everything below it is (a gap before it)
+            return
+        if not unfinished:
+            self._floor = pending[-1] + 1
+            pending.clear()
+            self._head = 0
+            return
+        # Every added offset below the lowest unfinished one is done; with gaps
+        # (compaction, transaction markers) it may be far above the last one
+        # finished, and committing it is still right: the gap was never delivered.
+        lowest = min(unfinished)
+        self._floor = lowest
+        head = bisect_left(pending, lowest, head)
+        if head >= self.COMPACT_AT and head * 2 > len(pending):
+            del pending[:head]
+            head = 0
+        self._head = head
 
     @property
     def committable(self) -> int | None:
         """The offset to commit (next to read), or ``None`` while nothing is finished."""
-        return self._committable
+        self._advance()
+        return self._floor
 
     @property
     def in_flight(self) -> int:
@@ -80,11 +109,11 @@ class OffsetTracker:
     @property
     def lowest_unfinished(self) -> int | None:
         """The lowest dispatched offset not finished yet, or ``None``."""
-        return self._pending[0] if self._pending else None
-
-    @property
-    def last_added(self) -> int | None:
-        return self._last_added
+        unfinished = self._unfinished
+        if not unfinished:
+            return None
+        self._advance()
+        return self._pending[self._head]
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,6 +22,7 @@ from pool import (
     PrometheusPoolMetrics,
     RetryPolicy,
 )
+from pool._metrics import PoolStats
 from tests.pool.conftest import msg
 
 ORIGINAL_SEVEN = [
@@ -283,3 +286,120 @@ def test_a_second_collector_of_the_same_kind_is_refused() -> None:
     PrometheusPoolMetrics("keyed", 2, registry)
     with pytest.raises(ValueError, match="Duplicated"):
         PrometheusPoolMetrics("actor", 2, registry)
+
+
+class _Counting(PrometheusPoolMetrics):
+    """Counts the per-event calls it gets; ``bindable=False`` refuses to bind,
+    so its pool tells it everything per event (any collector without ``bind``)."""
+
+    def __init__(self, *args: Any, bindable: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bindable = bindable
+        self.calls: Counter[str] = Counter()
+
+    def bind(self, source: PoolStats) -> bool:
+        return self.bindable and super().bind(source)
+
+    def message_sent(self, executor: int) -> None:
+        self.calls["sent"] += 1
+        super().message_sent(executor)
+
+    def message_processed(self, executor: int, success: bool, duration: float) -> None:
+        self.calls["processed"] += 1
+        super().message_processed(executor, success, duration)
+
+    def inbox_depth(self, executor: int, depth: int, capacity: int) -> None:
+        self.calls["depth"] += 1
+        super().inbox_depth(executor, depth, capacity)
+
+
+@pytest.mark.parametrize("per_executor", [False, True])
+async def test_a_collector_bound_to_its_pool_gets_no_call_per_event_and_exports_the_same(
+    per_executor: bool,
+) -> None:
+    """The pool keeps the hot counts (sent, attempts, latency, depth) itself for a
+    bound collector: the exposition is what a collector told per event shows."""
+    gate = asyncio.Event()
+
+    async def handler(m: Message) -> None:
+        if m.aggregate_id == "held":
+            await gate.wait()
+        if m.aggregate_id == "poison":
+            raise RuntimeError("x")
+
+    retry = RetryPolicy(max_attempts=2, initial_backoff=0.0, jitter=0.0)
+    exposed = []
+    collectors = []
+    for bindable in (True, False):
+        registry = CollectorRegistry()
+        metrics = _Counting("actor", 4, registry, bindable=bindable, per_executor=per_executor)
+        collectors.append(metrics)
+        pool = ActorPool(
+            handler, ActorPoolOptions(size=4, capacity=10, retry=retry), metrics=metrics
+        )
+        async with pool:
+            for i in range(20):
+                await (await pool.submit(msg(f"good-{i % 5}", i)))
+            await (await pool.submit(msg("poison", 20)))
+            for i in range(3):
+                await pool.submit(msg("held", 30 + i))
+            await asyncio.sleep(0)
+            # Durations differ between the two runs: only the latency counts compare.
+            exposed.append(
+                {
+                    k: v
+                    for k, v in samples(registry).items()
+                    if not k[0].endswith(("_sum", "_bucket"))
+                }
+            )
+            gate.set()
+            await pool.drain(5)
+            gate.clear()
+    bound, told = collectors
+    assert bound.calls == {}
+    assert told.calls["sent"] == 24
+    assert told.calls["processed"] == 25
+    assert told.calls["depth"] > 0
+    assert exposed[0] == exposed[1]
+    p = "kafka_eventbus_actor_pool_"
+    assert sum(v for (name, _), v in exposed[0].items() if name == f"{p}messages_sent_total") == 24
+    assert sum(v for (name, _), v in exposed[0].items() if name == f"{p}inbox_depth") == 3
+
+
+def test_a_collector_binds_to_one_pool_of_its_size() -> None:
+    async def handler(m: Message) -> None:
+        pass
+
+    metrics = _Counting("keyed", 2, CollectorRegistry(), bindable=True)
+    other_size = KeyedWorkerPool(handler, PoolOptions(size=3), metrics=metrics)
+    first = KeyedWorkerPool(handler, PoolOptions(size=2), metrics=metrics)
+    second = KeyedWorkerPool(handler, PoolOptions(size=2), metrics=metrics)
+    assert metrics._source is first
+    assert not first._report_each
+    assert other_size._report_each  # told per event, as any collector without bind
+    assert second._report_each
+
+
+async def test_a_bound_collector_buckets_each_attempt_as_one_told_per_event() -> None:
+    """The pool's own latency buckets (a bound collector's) place each duration
+    where ``message_processed`` does, bounds included."""
+    durations = [0.00005, 0.0001, 0.00011, 0.003, 0.003, 40.0]
+    ticks: list[float] = []
+    for d in durations:  # start and end of each attempt, in call order
+        ticks += [0.0, d]  # exact differences
+    clock = iter(ticks)
+
+    async def handler(m: Message) -> None:
+        pass
+
+    bound_registry, told_registry = CollectorRegistry(), CollectorRegistry()
+    bound = PrometheusPoolMetrics("keyed", 1, bound_registry)
+    told = PrometheusPoolMetrics("keyed", 1, told_registry)
+    pool = KeyedWorkerPool(handler, PoolOptions(size=1), metrics=bound, clock=lambda: next(clock))
+    async with pool:
+        for i in range(len(durations)):
+            await (await pool.submit(msg("a", i)))
+    for d in durations:
+        told.message_processed(0, True, d)
+        told.message_sent(0)
+    assert samples(bound_registry) == samples(told_registry)

@@ -201,6 +201,25 @@ async def test_depth_is_exact_per_executor_and_in_total(pool_factory: PoolFactor
         assert pool.in_flight == 0
 
 
+async def test_in_flight_by_aggregate_counts_queued_and_running_events(
+    pool_factory: PoolFactory,
+) -> None:
+    release = asyncio.Event()
+
+    async def handler(m: Message) -> None:
+        await release.wait()
+
+    async with pool_factory(handler, size=2, capacity=10) as pool:
+        assert pool.in_flight_by_aggregate() == {}
+        for i, agg in enumerate(["a", "a", "b", "a", "c", "c"]):
+            pool.dispatch_nowait(msg(agg, i))
+        await asyncio.sleep(0)  # each executor runs its first event
+        assert pool.in_flight_by_aggregate() == {"a": 3, "b": 1, "c": 2}
+        release.set()
+        await pool.drain(5)
+        assert pool.in_flight_by_aggregate() == {}
+
+
 async def test_drain_waits_for_submitted_events_and_times_out(pool_factory: PoolFactory) -> None:
     release = asyncio.Event()
     done: list[int] = []

@@ -18,6 +18,7 @@ from pool import (
     PoolOptions,
     PoolSwitch,
     QueueFullError,
+    RetryPolicy,
     rollout_bucket,
 )
 from tests.pool.conftest import FAST_RETRY, msg
@@ -121,6 +122,83 @@ async def test_in_flight_aggregate_is_held_until_its_old_events_finish() -> None
         assert sw.held == 0
     assert t.offsets("a") == [0, 1, 2]
     assert t.pools_of("a") == ["keyed", "keyed", "actor"]
+    assert t.overlaps == []
+
+
+async def test_the_only_target_is_counted_at_a_change_from_the_pool_itself() -> None:
+    """While the rule sends everything to one pool its events are not counted
+    per event; a change counts them from the pool (queued, running, parked for
+    a retry, deferred behind one), so every one of them still holds its
+    aggregate's new events."""
+    t = Tracking()
+    t.gates["run"] = asyncio.Event()
+    fail_once: set[int] = {10}
+    inner = t.handler("keyed")
+
+    async def keyed_handler(m: Message) -> None:
+        if m.offset in fail_once:
+            fail_once.discard(m.offset)
+            raise RuntimeError("once")
+        await inner(m)
+
+    # One executor per pool: "run" is running, "queued" waits behind it, "retry"
+    # is parked for its backoff with "retry"'s next event deferred behind it.
+    retry = RetryPolicy(max_attempts=3, initial_backoff=0.2, jitter=0.0)
+    sw = PoolSwitch(
+        KeyedWorkerPool(keyed_handler, PoolOptions(size=1, capacity=100, retry=retry)),
+        ActorPool(t.handler("actor"), ActorPoolOptions(size=1, capacity=100, retry=retry)),
+    )
+    async with sw:
+        sw.dispatch_nowait(msg("retry", 10))
+        for _ in range(3):
+            await asyncio.sleep(0)  # "retry" 10 failed and is parked
+        sw.dispatch_nowait(msg("retry", 11))
+        sw.dispatch_nowait(msg("run", 20))
+        sw.dispatch_nowait(msg("queued", 30))
+        for _ in range(3):
+            await asyncio.sleep(0)  # "retry" 11 is deferred, "run" is running
+        keyed = sw.pools[PoolMode.KEYED]
+        assert keyed.depth(0) == 4
+        assert keyed.in_flight_by_aggregate() == {"retry": 2, "run": 1, "queued": 1}
+        assert sw._keyed_counts == {}  # the only target: not counted
+        result = await sw.set_mode(PoolMode.ACTOR, wait_timeout=0)
+        assert result.waited_aggregates == 3
+        assert sw._keyed_counts == {"run": 1, "queued": 1, "retry": 2}
+        for agg, offset in (("run", 21), ("queued", 31), ("retry", 12), ("new", 40)):
+            sw.dispatch_nowait(msg(agg, offset))
+        assert sw.held == 3  # all but "new"
+        t.gates["run"].set()
+        await sw.drain(5)
+        assert sw._actor_counts == {}  # the only target again
+    assert t.offsets("run") == [20, 21]
+    assert t.offsets("queued") == [30, 31]
+    assert t.offsets("retry") == [10, 11, 12]
+    assert t.pools_of("retry") == ["keyed", "keyed", "actor"]
+    assert t.pools_of("new") == ["actor"]
+    assert t.overlaps == []
+
+
+async def test_switching_back_lets_held_events_follow_their_earlier_ones_at_once() -> None:
+    """KEYED -> ACTOR holds "a" behind its keyed events; back to KEYED before
+    they finish, the held events go to the keyed pool at once, behind them."""
+    t = Tracking()
+    t.gates["a"] = asyncio.Event()
+    async with make_switch(t) as sw:
+        sw.dispatch_nowait(msg("a", 0))
+        await asyncio.sleep(0)
+        await sw.set_mode(PoolMode.ACTOR, wait_timeout=0)
+        sw.dispatch_nowait(msg("a", 1))
+        assert sw.held == 1
+        result = await sw.set_mode(PoolMode.KEYED, wait_timeout=0)
+        assert sw.held == 0
+        assert result.waited_aggregates == 0
+        sw.dispatch_nowait(msg("a", 2))
+        t.gates["a"].set()
+        await sw.drain(5)
+        assert sw._keyed_counts == {}
+        assert sw._actor_counts == {}
+    assert t.offsets("a") == [0, 1, 2]
+    assert t.pools_of("a") == ["keyed"] * 3
     assert t.overlaps == []
 
 

@@ -104,6 +104,42 @@ def test_committable_never_passes_an_unfinished_offset(
     assert t.in_flight == 0
 
 
+class _CompactingSoon(OffsetTracker):
+    COMPACT_AT = 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), n=st.integers(min_value=1, max_value=80))
+def test_the_commit_point_moves_only_when_read_and_never_past_an_unfinished_offset(
+    data: st.DataObject, n: int
+) -> None:
+    """Finishing is a removal from the unfinished set; reading ``committable``
+    moves the commit point (and drops the finished prefix, compacting often
+    here): whenever it is read, it is the lowest unfinished offset."""
+    t = _CompactingSoon()
+    offsets = list(range(100, 100 + 2 * n, 2))  # gaps between them
+    added: list[int] = []
+    finished: set[int] = set()
+    previous = None
+    for offset in offsets:
+        t.add(offset)
+        added.append(offset)
+        unfinished = [o for o in added if o not in finished]
+        for o in data.draw(st.lists(st.sampled_from(unfinished), unique=True)):
+            t.done(o)
+            finished.add(o)
+        if data.draw(st.booleans()):
+            _check(t, added, finished, previous)
+            previous = t.committable
+    for o in added:
+        if o not in finished:
+            t.done(o)
+            finished.add(o)
+    _check(t, added, finished, previous)
+    assert t.committable == offsets[-1] + 1
+    assert t.lowest_unfinished is None
+
+
 def _check(t: OffsetTracker, added: list[int], finished: set[int], previous: int | None) -> None:
     unfinished = [o for o in added if o not in finished]
     c = t.committable
