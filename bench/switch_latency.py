@@ -221,6 +221,11 @@ async def one_run(
                 await client.health()
                 health.append((time.monotonic_ns() - t0) / 1e6)
                 await asyncio.sleep(rng.uniform(0.025, 0.075))
+                if args.freeze_ms:
+                    # Held off the CPU (as by a loaded machine): a backlog builds.
+                    svc.send_signal(signal.SIGSTOP)
+                    await asyncio.sleep(args.freeze_ms / 1000)
+                    svc.send_signal(signal.SIGCONT)
                 mode = "actor" if mode == "keyed" else "keyed"
                 t0 = time.monotonic_ns()
                 result = (await client.set_mode(mode)).result
@@ -342,14 +347,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "aggregates": args.aggregates,
         "lag_probe": not args.no_lag_probe,
         "inline_producer": args.inline_producer,
+        "freeze_ms": args.freeze_ms,
         "runs": [],
     }
     broker = EmbeddedBroker(log_path=workdir / "tansu.log")
     await asyncio.to_thread(broker.start)
     try:
         variants = [("current", ROOT)]
-        if args.baseline_root:
-            variants.insert(0, ("baseline", Path(args.baseline_root)))
+        for spec in reversed(args.variant):
+            label, _, root = spec.rpartition("=")
+            variants.insert(0, (label or "baseline", Path(root)))
         for i in range(args.runs):
             for label, root in variants:
                 row = await one_run(args, broker, workdir, f"{label}-{i + 1}", root)
@@ -389,7 +396,21 @@ def main() -> None:
     p.add_argument("--aggregates", type=int, default=10_000)
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of stream before switching")
     p.add_argument("--runs", type=int, default=1)
-    p.add_argument("--baseline-root", metavar="DIR", help="also run the service from DIR")
+    p.add_argument(
+        "--baseline-root",
+        "--variant",
+        dest="variant",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="also run the service code of DIR (repeatable; NAME defaults to baseline)",
+    )
+    p.add_argument(
+        "--freeze-ms",
+        type=float,
+        default=0.0,
+        help="SIGSTOP the service this long before each call (a backlog builds meanwhile)",
+    )
     p.add_argument("--no-lag-probe", action="store_true", help="no stall probe in the service")
     p.add_argument("--inline-producer", action="store_true", help="produce in this process")
     p.add_argument("--json", default="bench/results/switch_latency.json")
@@ -401,8 +422,10 @@ def main() -> None:
     if args.produce:
         produce_main(args)
         return
-    if args.baseline_root:
-        args.baseline_root = os.path.abspath(args.baseline_root)
+    args.variant = [
+        f"{label}={os.path.abspath(root)}" if label else os.path.abspath(root)
+        for label, _, root in (v.rpartition("=") for v in args.variant)
+    ]
     report = asyncio.run(main_async(args))
     print(table(report))
     path = Path(args.json)
