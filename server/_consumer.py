@@ -514,7 +514,8 @@ class EventConsumer:
                     if self._pauses.held_by_control(part.tp) and self._seek(part.tp, offset):
                         break
                 stop = min(end, start + budget)
-                closed = self._dispatch_batch(part, records[start:stop])
+                chunk = records if start == 0 and stop == end else records[start:stop]
+                closed = self._dispatch_batch(part, chunk)
                 budget -= stop - start
                 start = stop
                 if closed:
