@@ -305,7 +305,28 @@ def summarise(
             for g in sorted({g for g, _, _ in collections})
         },
         "slowest": sorted(per_call, key=lambda r: -r["round_trip_ms"])[:5],
+        "calls": per_call,
+        "health_calls_ms": [round(h, 3) for h in health],
     }
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every call of every run of a variant together (the runs interleave the
+    variants, so each sees the same spread of load)."""
+    out: dict[str, dict[str, Any]] = {}
+    for label in dict.fromkeys(r["variant"].rsplit("-", 1)[0] for r in runs):
+        mine = [r for r in runs if r["variant"].rsplit("-", 1)[0] == label]
+        calls = [c for r in mine for c in r["calls"]]
+        out[label] = {
+            "runs": len(mine),
+            "calls": len(calls),
+            "round_trip_ms": pct([c["round_trip_ms"] for c in calls]),
+            "switch_ms": pct([c["switch_ms"] for c in calls]),
+            "rpc_ms": pct([c["rpc_ms"] for c in calls]),
+            "health_ms": pct([h for r in mine for h in r["health_calls_ms"]]),
+            "p99_of_runs_ms": [r["round_trip_ms"]["p99"] for r in mine],
+        }
+    return out
 
 
 def table(report: dict[str, Any]) -> str:
@@ -330,6 +351,24 @@ def table(report: dict[str, Any]) -> str:
             f"| {sw['p50']} / {sw['p99']} | {r['rpc_ms']['p99']} | {h['p50']} / {h['p99']} "
             f"| {r['old_pool_events']['p99']:.0f} | {st['per_s']} | {st['ms']['max']} "
             f"| {st['share_runnable_waiting']:.0%} |"
+        )
+    lines += [
+        "",
+        "All calls of each variant together:",
+        "",
+        (
+            "| variant | runs | calls | round trip p50 / p95 / p99 / max ms "
+            "| switch p50 / p99 / max ms | rpc p99 ms | health p50 / p99 ms "
+            "| round trip p99 per run |"
+        ),
+        "|---|---:|---:|---|---|---:|---|---|",
+    ]
+    for label, v in report.get("pooled", {}).items():
+        rt, sw, h = v["round_trip_ms"], v["switch_ms"], v["health_ms"]
+        lines.append(
+            f"| {label} | {v['runs']} | {v['calls']} | {rt['p50']} / {rt['p95']} / {rt['p99']} / "
+            f"{rt['max']} | {sw['p50']} / {sw['p99']} / {sw['max']} | {v['rpc_ms']['p99']} "
+            f"| {h['p50']} / {h['p99']} | {', '.join(f'{x:g}' for x in v['p99_of_runs_ms'])} |"
         )
     return "\n".join(lines)
 
@@ -363,6 +402,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 brief = {k: row[k] for k in ("variant", "round_trip_ms", "switch_ms")}
                 print(json.dumps(brief), file=sys.stderr)
                 report["runs"].append(row)
+        report["pooled"] = pooled(report["runs"])
     finally:
         await asyncio.to_thread(broker.stop)
         report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
