@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/switch_latency.py [--rate 10000] [--switches 200]
         [--handler-ms 1] [--partitions 8] [--aggregates 10000] [--runs 1]
-        [--baseline-root DIR] [--no-lag-probe] [--inline-producer]
-        [--json bench/results/switch_latency.json]
+        [--variant [NAME=]DIR ...] [--freeze-ms MS] [--no-lag-probe]
+        [--inline-producer] [--keep-calls] [--json bench/results/switch_latency.json]
 
 Real processes on one embedded broker: ``python -m server`` with its default
 configuration (only ``--brokers``, ``--topic``, ``--group-id``, ``--handler``
@@ -30,9 +30,12 @@ Where a call's time goes:
 - **dispatch**: each ``_dispatch_batch`` call (records, duration);
 - **GC**: collections of 0.5 ms or more.
 
-``--baseline-root DIR`` runs the service code of another checkout too (e.g.
-``git archive <commit> | tar -x -C DIR``), interleaved run by run with this
-one: a before/after in one session on a loaded machine.
+``--variant NAME=DIR`` (or ``--baseline-root DIR``; repeatable) runs the
+service code of another checkout too (e.g. ``git archive <commit> | tar -x -C
+DIR``), interleaved run by run with this one, and pools every call of each
+variant: a before/after in one session on a loaded machine. ``--freeze-ms``
+stops the service (SIGSTOP) that long before each call, so that a backlog has
+built when the call comes (what a loaded machine does at random).
 """
 
 from __future__ import annotations
@@ -280,7 +283,7 @@ def summarise(
     collections = [g for g in probe.collections if first <= g[1] <= last]
     return {
         "variant": name,
-        "root": str(root),
+        "code": "this checkout" if root == ROOT else "another checkout (--variant)",
         "switches": len(calls),
         "round_trip_ms": pct([c["round_trip_ms"] for c in per_call]),
         "switch_ms": pct([c["switch_ms"] for c in per_call]),
@@ -403,6 +406,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps(brief), file=sys.stderr)
                 report["runs"].append(row)
         report["pooled"] = pooled(report["runs"])
+        if not args.keep_calls:
+            for run in report["runs"]:
+                del run["calls"], run["health_calls_ms"]
     finally:
         await asyncio.to_thread(broker.stop)
         report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -455,6 +461,7 @@ def main() -> None:
     p.add_argument("--inline-producer", action="store_true", help="produce in this process")
     p.add_argument("--json", default="bench/results/switch_latency.json")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--keep-calls", action="store_true", help="every call in the JSON too")
     p.add_argument("--produce", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--brokers", help=argparse.SUPPRESS)
     p.add_argument("--topic", help=argparse.SUPPRESS)
