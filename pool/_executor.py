@@ -250,8 +250,9 @@ class BasePool:
         run, timed = self._new_runner(handler)
         self._executors = [_Executor(i, run, timed) for i in range(size)]
         self._listeners: list[FinishListener] = []
-        # A collector bound to the pool reads sent counts and depths from it at
-        # scrape time; only an unbound one is told per event.
+        # A collector bound to the pool reads the hot counts (sent, attempts,
+        # latency, depths) from it at scrape time; only an unbound one is told
+        # per event.
         bind = getattr(self._metrics, "bind", None)
         self._report_each = self._metered and not (callable(bind) and bind(self))
         self._started = False
@@ -292,8 +293,6 @@ class BasePool:
     def depths(self) -> list[int]:
         return [len(ex.queue) + ex.running + ex.held for ex in self._executors]
 
-    # ------------------------------------------ counts for a bound collector
-    # (pool.PoolStats: read from the scrape's thread; plain reads, no lock)
     def in_flight_by_aggregate(self) -> dict[str, int]:
         """Unfinished events per aggregate ID: queued, running, waiting out a
         retry backoff or deferred behind one. O(events in flight)."""
@@ -313,6 +312,8 @@ class BasePool:
                     counts[key] = counts.get(key, 0) + 1
         return counts
 
+    # ------------------------------------------ counts for a bound collector
+    # (pool.PoolStats: read from the scrape's thread; plain reads, no lock)
     def sent_counts(self) -> list[int]:
         """Events accepted into each executor's queue since the start, by index."""
         return [ex.submitted for ex in self._executors]
