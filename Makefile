@@ -95,6 +95,12 @@ bench-e2e: $(STAMP)
 bench-service: $(STAMP)
 	$(BIN)/python bench/service_bench.py $(ARGS)
 
+## 1 and 2 replicas of pool-server draining one backlog at 0, 1 and 10 ms handlers;
+## bench/results/scaling_bench.json (docs/performance.md#scaling-out).
+.PHONY: bench-scaling
+bench-scaling: $(STAMP)
+	$(BIN)/python bench/scaling_bench.py $(ARGS)
+
 ## Fault, load and bad-input campaigns against the real service; writes docs/reliability.md.
 reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py $(ARGS)

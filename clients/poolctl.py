@@ -322,6 +322,7 @@ _OUTCOME_NAMES: Final = {
     pb.REPLICA_OUTCOME_APPLIED: "applied",
     pb.REPLICA_OUTCOME_PENDING: "pending",
     pb.REPLICA_OUTCOME_FAILED: "failed",
+    pb.REPLICA_OUTCOME_DOWN: "down",
 }
 
 
@@ -379,8 +380,8 @@ def render_fleet(f: pb.GetFleetStatusResponse) -> str:
             f"{r.report.rollout_percent:g}%",
             len(r.report.assigned),
             r.report.lag,
-            "stale" if r.stale else ("diverged" if r.diverged else "ok"),
-            "; ".join(r.differences) or r.report.last_error,
+            "down" if r.down else "stale" if r.stale else "diverged" if r.diverged else "ok",
+            r.down_reason or "; ".join(r.differences) or r.report.last_error,
             _duration(r.age),
         )
         for r in f.replicas

@@ -653,7 +653,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", metavar="HOST:PORT", help="/metrics address")
     p.add_argument("--handler", metavar="MODULE:CALLABLE", help="handler import path")
     p.add_argument(
-        "--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"]
+        "--log-level",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error", "critical"],
+        help="log level (default info); debug adds the traceback of a start-up failure",
     )
     p.add_argument(
         "--set",

@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,6 +70,13 @@ __all__ = [
     "publish_until_acknowledged",
 ]
 
+#: Records dispatched between two yields to the event loop. One ``getmany`` may
+#: return thousands of records (``max_records``; after the process was held off
+#: the CPU for a while, say): dispatched in one go they would keep the loop from
+#: everything else for tens of milliseconds (the control plane's calls, a mode
+#: switch waiting for its handover, the executors' next steps). Only fetches
+#: larger than this yield at all.
+DISPATCH_CHUNK = 256
 #: How often the end offsets of paused partitions are listed (for their lag).
 _LIST_PAUSED_ENDS_EVERY_S = 1.0
 #: A failed dead-letter publish is tried again after 0.5 s, 1 s, 2 s, ... up to 5 s.
@@ -297,6 +304,8 @@ class EventConsumer:
         self._owners: dict[int, _Partition] = {}
         dispatcher.add_finish_listener(self._on_finished)
         self._fetch_task: asyncio.Task[None] | None = None
+        #: Records the fetch loop may still dispatch before it yields (see _dispatch_fetched).
+        self._dispatch_budget = DISPATCH_CHUNK
         self._started = False
         self._fetching = False
         self._closed = False
@@ -468,13 +477,75 @@ class EventConsumer:
             # Never take more than the room left under the bound.
             room = min(o.max_records, o.max_in_flight - self._in_flight)
             batches = await consumer.getmany(timeout_ms=o.fetch_timeout_ms, max_records=room)
-            for tp, records in batches.items():
-                part = self._parts.get(tp)
-                if part is None or part.revoked or not records:
-                    continue  # not ours any more: the new owner reads them again
-                self._dispatch_batch(part, records)
+            await self._dispatch_fetched(batches)
 
-    def _dispatch_batch(self, part: _Partition, records: Sequence[Any]) -> None:
+    async def _dispatch_fetched(self, batches: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Dispatch what one ``getmany`` returned, yielding to the event loop after
+        every :data:`DISPATCH_CHUNK` records.
+
+        After a yield a partition's remaining records are dispatched only if
+        it is still ours (same assignment) and no operator or drain hold came
+        in meanwhile; a held partition is sought back to its first record not
+        dispatched, so it is fetched again once released (as records fetched
+        before a pause are, by aiokafka). Cancelled during a yield (the
+        service stops fetching), it dispatches the rest first, at once.
+        """
+        # The partition states the records were fetched for: after a yield, a
+        # partition revoked (and perhaps assigned again) meanwhile is skipped.
+        parts = [(self._parts.get(tp), records) for tp, records in batches.items()]
+        # Carried from one fetch to the next: ``getmany`` returns without a loop
+        # turn when it has records buffered.
+        budget = self._dispatch_budget
+        for i, (part, records) in enumerate(parts):
+            if part is None or part.revoked:
+                continue  # not ours any more: the new owner reads them again
+            start, end = 0, len(records)
+            while start < end:
+                if budget == 0:
+                    budget = DISPATCH_CHUNK
+                    try:
+                        await asyncio.sleep(0)
+                    except asyncio.CancelledError:
+                        self._dispatch_rest(parts, i, start)
+                        raise
+                    if part.revoked:
+                        break
+                    offset = records[start].offset
+                    if self._pauses.held_by_control(part.tp) and self._seek(part.tp, offset):
+                        break
+                stop = min(end, start + budget)
+                chunk = records if start == 0 and stop == end else records[start:stop]
+                closed = self._dispatch_batch(part, chunk)
+                budget -= stop - start
+                start = stop
+                if closed:
+                    break
+        self._dispatch_budget = budget
+
+    def _seek(self, tp: TopicPartition, offset: int) -> bool:
+        """Fetch ``tp`` from ``offset`` next; False if aiokafka refused (then the
+        records must be dispatched now: nothing would fetch them again)."""
+        try:
+            self._consumer.seek(tp, offset)
+        except (KafkaError, ValueError) as exc:
+            log.warning(
+                "consumer.seek_failed", topic=tp.topic, partition=tp.partition, error=repr(exc)
+            )
+            return False
+        return True
+
+    def _dispatch_rest(
+        self, parts: list[tuple[_Partition | None, Sequence[Any]]], i: int, start: int
+    ) -> None:
+        """Dispatch, at once, ``parts[i]`` from record ``start`` on and those after it."""
+        for j in range(i, len(parts)):
+            part, records = parts[j]
+            if part is not None and not part.revoked:
+                self._dispatch_batch(part, records[start:] if j == i else records)
+
+    def _dispatch_batch(self, part: _Partition, records: Sequence[Any]) -> bool:
+        """Dispatch ``records`` of ``part`` in order; True when the pool is closed
+        (the records from the one it refused on are not dispatched)."""
         tracker = part.tracker
         tp = part.tp
         backlog = part.backlog
@@ -483,6 +554,7 @@ class EventConsumer:
         owners = self._owners
         max_seen = self._max_dispatched.get(tp, -1)
         redelivered = 0
+        closed = False
         part.consumed_counter.inc(len(records))
         for record in records:
             offset = record.offset
@@ -531,11 +603,13 @@ class EventConsumer:
                 log.warning("consumer.pool_closed", topic=tp.topic, partition=tp.partition)
                 part.abandoned += 1
                 self._in_flight -= 1
+                closed = True
                 break
         self._max_dispatched[tp] = max_seen
         if redelivered:
             self.metrics.redeliveries.labels(tp.topic, str(tp.partition)).inc(redelivered)
         self.metrics.in_flight.set(self._in_flight)
+        return closed
 
     async def _submit_backlog(self, part: _Partition) -> None:
         """Submit a backpressured partition's backlog in order, waiting for room;
@@ -699,8 +773,13 @@ class EventConsumer:
     # -------------------------------------------------------------- rebalance
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
-        consumer = self._consumer
         for tp in assigned:
+            consumer = self._consumer
+            if self._closed or consumer is None:
+                # aiokafka can complete a join while close() leaves the group
+                # (a service stopped right after its start): nothing to take over.
+                log.info("consumer.assignment_ignored", reason="closed")
+                return
             committed = None
             with contextlib.suppress(KafkaError):
                 committed = await consumer.committed(tp)

@@ -10,7 +10,23 @@
 - this replica's report, published on each apply, on a heartbeat, and as a
   tombstone on a clean stop;
 - fleet writes (a proposal, read back to learn whether the topic's order
-  accepted it) and the wait until every live replica applied a generation.
+  accepted it) and the wait until every live replica applied a generation,
+  which stops waiting for a replica whose process is provably gone
+  (:mod:`server._fleet_probe`).
+
+**Two event loops.** The control topic's Kafka clients run on an event loop
+of their own, in a daemon thread (:class:`IoLoop`): reading desired states
+and reports, publishing reports and heartbeats, writing and waiting. The
+service's loop dispatches every event; under a backlog it runs thousands of
+handler steps per turn, and a follower on that loop would read a desired
+state, or publish a report, only hundreds of milliseconds late (or miss
+heartbeats until its live replica looked stale). What touches the service
+stays on the service's loop: applying a state (the pool switch, the
+consumer's pauses) and the snapshot a report is made of; the I/O loop asks
+for an apply with one hop (``run_coroutine_threadsafe``) and publishes the
+report the apply hands back. A heartbeat carries the latest snapshot (taken
+on the service's loop every heartbeat and at each apply) with the time it is
+sent. Values the other loop reads are replaced, never mutated in place.
 
 Start-up (:meth:`FleetControl.start`, called before the consumer's first
 fetch): read the topic to its end and apply the latest desired state (the
@@ -18,6 +34,11 @@ configured values are only the defaults of a fleet that has none). If that
 does not succeed within ``startup_timeout_s``, the replica runs on its
 configuration, reports itself degraded (status, metric, log) and keeps
 retrying in the background; once it reads the topic it applies what it found.
+
+Following is supervised: a follower that fails on anything but a Kafka error
+(which it retries in place) reports the replica degraded, reconnects after a
+backoff (0.2 s, doubling, up to 5 s), reads the topic again from the start
+into a fresh fold, and applies what it found.
 
 Applying a desired state goes through the service's ``apply`` callback, which
 uses the pool switch's atomic, order-keeping change (and the consumer's
@@ -27,12 +48,15 @@ operator pauses); applies are serialised and only ever move forward.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import socket
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import structlog
 from actorpool.control.v1 import control_pb2 as pb
@@ -45,12 +69,14 @@ from google.protobuf.message import DecodeError
 from pool import PoolMode
 from server._control import ConflictError, NotReadyError, Partition, PreconditionError
 from server._errors import ServiceError
+from server._fleet_probe import probe_gone
 from server._fleet_state import (
     ApplyWatch,
     Change,
     DesiredState,
     FleetLog,
     Mismatch,
+    Outcome,
     Paused,
     Proposal,
     Replay,
@@ -66,11 +92,15 @@ from server._fleet_state import (
 
 log = structlog.get_logger("server.fleet")
 
+T = TypeVar("T")
+
 DESIRED_KEY: Final = b"desired"
 REPLICA_PREFIX: Final = b"replica/"
 #: A writer replans on a fresher state this many times when its proposal lost
 #: a race (no ``expected_generation``), then answers ``ABORTED``.
 MAX_WRITE_ATTEMPTS: Final = 8
+#: A follower that ran this long before failing restarts with the first backoff again.
+_BACKOFF_RESET_S: Final = 30.0
 
 _MODE_TO_PB: Final = {PoolMode.KEYED: pb.POOL_MODE_KEYED, PoolMode.ACTOR: pb.POOL_MODE_ACTOR}
 _MODE_FROM_PB: Final = {v: k for k, v in _MODE_TO_PB.items()}
@@ -91,6 +121,25 @@ class FleetOptions:
     retry_s: float = 2.0
     fetch_max_wait_ms: int = 20
     kafka: dict[str, Any] = field(default_factory=dict)
+    #: This process's host name, in its report (a loopback address means it).
+    host: str = field(default_factory=socket.gethostname)
+    #: The control plane uses TLS: probes only connect (no identity check).
+    grpc_tls: bool = False
+    #: A replica that has not applied after this long into a wait is probed
+    #: (``None``: half a heartbeat, at most 100 ms); again every
+    #: ``max(probe_after_s, 0.25)`` while it has not.
+    probe_after_s: float | None = None
+    #: Deadline of a probe's connect and of its identity check.
+    probe_timeout_s: float = 0.5
+    #: A failed follower restarts after this, doubling up to ``restart_max_s``.
+    restart_backoff_s: float = 0.2
+    restart_max_s: float = 5.0
+
+    @property
+    def probe_after(self) -> float:
+        if self.probe_after_s is not None:
+            return self.probe_after_s
+        return min(0.1, self.heartbeat_s / 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +167,83 @@ class WriteResult:
     replayed: bool = False
 
 
+@dataclass(slots=True)
+class _Fold:
+    """What the control topic says, read up to ``position``: the desired
+    state's fold and the latest report of every replica. ``reports`` and
+    ``records`` are replaced on each change (the service's loop reads them)."""
+
+    log: FleetLog
+    reports: dict[str, Report] = field(default_factory=dict)
+    records: dict[str, pb.ReplicaReport] = field(default_factory=dict)
+    position: int = 0
+
+
 #: ``apply(state, initial)``: make this replica follow ``state``; returns what
 #: the pool switch said (or ``None``). ``initial``: before the first fetch.
 ApplyFn = Callable[[DesiredState, bool], Awaitable[object]]
 
 
+class IoLoop:
+    """An asyncio event loop running in a daemon thread of its own."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self.loop = loop
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                tasks = asyncio.all_tasks(loop)
+                for task in tasks:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on this loop (from any thread)."""
+        loop = self.loop
+        if loop is None or self._closing or loop.is_closed():
+            coro.close()
+            raise NotReadyError("fleet control is not running")
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on this loop and await its result from the caller's loop
+        (cancelling the caller cancels it)."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        loop, thread = self.loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._closing = True
+        with contextlib.suppress(RuntimeError):  # already closed
+            loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, timeout)
+
+
 class FleetControl:
-    """One replica's side of the control topic. ``start()`` / ``stop()``."""
+    """One replica's side of the control topic. ``start()`` / ``stop()``, on
+    the service's event loop; the Kafka I/O runs on :attr:`io`."""
 
     def __init__(
         self,
@@ -134,19 +253,38 @@ class FleetControl:
         apply: ApplyFn,
         snapshot: Callable[[], LocalSnapshot],
         partitions: Callable[[], Mapping[str, set[int] | None]] | None = None,
+        announce: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.options = options
-        self.log = FleetLog(defaults)
+        self._defaults = defaults
+        self._fold = _Fold(FleetLog(defaults))
         self._apply = apply
         self._snapshot = snapshot
         self._partitions = partitions
+        self._announce = announce
         self._clock = clock
+        self.io = IoLoop(f"fleet-io-{options.instance}")
+        self._main: asyncio.AbstractEventLoop | None = None
         self._tp = TopicPartition(options.topic, 0)
+        # I/O loop: the Kafka clients, the writers waiting, the tasks.
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self.reports: dict[str, Report] = {}
-        self.report_records: dict[str, pb.ReplicaReport] = {}
+        self._progress: asyncio.Event | None = None
+        self._reports_changed: asyncio.Event | None = None
+        self._write_lock: asyncio.Lock | None = None
+        self._waiting: dict[str, asyncio.Future[Verdict]] = {}
+        self._io_tasks: set[asyncio.Task[Any]] = set()
+        self._void_since: float | None = None
+        #: Instances found gone: instance -> (the report's time, why).
+        self._down: dict[str, tuple[float, str]] = {}
+        self._probing: set[str] = set()
+        # Service loop: applying, the snapshot reports are made of.
+        self._apply_lock = asyncio.Lock()
+        self._apply_pending = False
+        self._main_tasks: set[asyncio.Task[Any]] = set()
+        self._report_base: pb.ReplicaReport | None = None
+        # Read by both loops (and the /metrics thread).
         self.applied_generation = 0
         self.last_error = ""
         self.failed_generation = 0
@@ -154,21 +292,25 @@ class FleetControl:
         self.degraded: str | None = None
         #: What the switch said when each recent generation was applied here.
         self.outcomes: dict[int, object] = {}
-        self._position = 0
-        self._progress = asyncio.Event()
-        self._reports_changed = asyncio.Event()
-        self._apply_wake = asyncio.Event()
-        self._apply_lock = asyncio.Lock()
-        self._write_lock = asyncio.Lock()
-        self._waiting: dict[str, asyncio.Future[Verdict]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._void_since: float | None = None
         self._started = False
         self._stopped = False
         self.records_skipped = 0
         self.writes: dict[str, int] = {}
+        self.follow_restarts = 0
 
-    # ----------------------------------------------------------- lifecycle
+    # ------------------------------------------------------------- views
+
+    @property
+    def log(self) -> FleetLog:
+        return self._fold.log
+
+    @property
+    def reports(self) -> dict[str, Report]:
+        return self._fold.reports
+
+    @property
+    def report_records(self) -> dict[str, pb.ReplicaReport]:
+        return self._fold.records
 
     @property
     def connected(self) -> bool:
@@ -178,45 +320,98 @@ class FleetControl:
     def desired(self) -> DesiredState:
         return self.log.effective()
 
+    def down_reason(self, instance: str) -> str | None:
+        """Why ``instance`` was found gone, while its latest report is the one probed."""
+        mark = self._down.get(instance)
+        report = self.reports.get(instance)
+        if mark is None or report is None or report.time != mark[0]:
+            return None
+        return mark[1]
+
+    # ----------------------------------------------------------- lifecycle
+
     async def start(self) -> None:
         """Read the control topic to its end and apply the latest desired state
         (or run degraded on the configuration). Never raises on broker trouble."""
         if self._started:
             return
         self._started = True
-        try:
-            async with asyncio.timeout(self.options.startup_timeout_s):
-                await self._connect()
-                await self._catch_up()
-        except Exception as exc:  # noqa: BLE001 - any failure: degraded, keep retrying
-            await self._disconnect()
-            self._set_degraded(_describe(exc))
-            self._spawn(self._retry_loop(), "fleet.retry")
-            self._spawn(self._heartbeat_loop(), "fleet.heartbeat")
-            return
-        await self._apply_latest(initial=True)
-        self._run()
-        log.info(
-            "fleet.started",
-            topic=self.options.topic,
-            generation=self.log.generation,
-            applied=self.applied_generation,
-            replicas=len(self.reports),
-        )
-
-    def _run(self) -> None:
-        self._spawn(self._follow_loop(), "fleet.follow")
-        self._spawn(self._apply_loop(), "fleet.apply")
-        if not any(t.get_name() == "fleet.heartbeat" for t in self._tasks):
-            self._spawn(self._heartbeat_loop(), "fleet.heartbeat")
-        self._spawn(self.publish_report(), "fleet.report")
+        self._main = asyncio.get_running_loop()
+        if self._announce is not None:
+            await self._announce()
+        self.io.start()
+        connected = await self.io.call(self._io_start())
+        if connected:
+            await self._apply_latest(initial=True)
+        self._report_base = self.report_record()
+        self._spawn_main(self._refresh_loop(), "fleet.refresh")
+        self.io.submit(self._io_run(connected))
+        if connected:
+            log.info(
+                "fleet.started",
+                topic=self.options.topic,
+                generation=self.log.generation,
+                applied=self.applied_generation,
+                replicas=len(self.reports),
+            )
 
     async def stop(self) -> None:
         """Stop following; publish a tombstone for this replica's report."""
         if self._stopped:
             return
         self._stopped = True
-        tasks = list(self._tasks)
+        tasks = list(self._main_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._started:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    await self.io.call(self._io_stop())
+            await self.io.stop()
+        log.info("fleet.stopped", applied=self.applied_generation)
+
+    def _spawn_main(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._main_tasks.add(task)
+        task.add_done_callback(self._main_tasks.discard)
+
+    # ------------------------------------------------------- the I/O loop
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._io_tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._io_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("fleet.task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    async def _io_start(self) -> bool:
+        """On the I/O loop: connect and read to the end within the start-up
+        deadline; ``False`` (degraded) if that fails."""
+        self._progress = asyncio.Event()
+        self._reports_changed = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        try:
+            async with asyncio.timeout(self.options.startup_timeout_s):
+                await self._connect_and_read()
+        except Exception as exc:  # noqa: BLE001 - any failure: degraded, keep retrying
+            await self._disconnect()
+            self._set_degraded(_describe(exc))
+            return False
+        return True
+
+    async def _io_run(self, connected: bool) -> None:
+        self._spawn(self._supervise(self._heartbeat_loop, "fleet.heartbeat"), "fleet.heartbeat")
+        if connected:
+            self._spawn(self._publish(self._report_base), "fleet.report")
+        self._spawn(self._follow_supervised(connected), "fleet.follow")
+
+    async def _io_stop(self) -> None:
+        tasks = list(self._io_tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -231,18 +426,19 @@ class FleetControl:
         for future in self._waiting.values():
             if not future.done():
                 future.cancel()
-        log.info("fleet.stopped", applied=self.applied_generation)
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("fleet.task_failed", task=task.get_name(), error=repr(task.exception()))
+    async def _supervise(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``loop`` forever: restart it (after a second) if it fails."""
+        while True:
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # logged, restarted
+                log.exception("fleet.task_failed", task=name, error=repr(exc), restart_in_s=1.0)
+                await asyncio.sleep(1.0)
+            else:
+                return
 
     # ------------------------------------------------------------ connect
 
@@ -262,7 +458,6 @@ class FleetControl:
         await consumer.start()
         consumer.assign([self._tp])
         await consumer.seek_to_beginning(self._tp)
-        self._position = 0
         producer = AIOKafkaProducer(
             bootstrap_servers=o.bootstrap_servers,
             enable_idempotence=False,  # not supported by the embedded broker
@@ -284,34 +479,63 @@ class FleetControl:
             with contextlib.suppress(Exception):
                 await consumer.stop()
 
-    async def _catch_up(self) -> None:
-        """Read every record up to the topic's end as it is now."""
+    async def _connect_and_read(self) -> None:
+        """Connect, read every record up to the topic's end as it is now into a
+        fresh fold, and make it the current one."""
+        await self._connect()
         consumer = self._consumer
         assert consumer is not None
+        fold = _Fold(FleetLog(self._defaults))
         end = (await consumer.end_offsets([self._tp]))[self._tp]
-        while self._position < end:
+        while fold.position < end:
             batch = await consumer.getmany(self._tp, timeout_ms=200)
             for record in batch.get(self._tp, ()):
-                self._on_record(record.offset, record.key, record.value)
+                self._on_record(fold, record.offset, record.key, record.value)
+        self._fold = fold
+        self._pulse_progress()
+        self._reports_pulse()
 
-    async def _retry_loop(self) -> None:
-        while self.degraded is not None:
-            await asyncio.sleep(self.options.retry_s)
+    async def _follow_supervised(self, connected: bool) -> None:
+        """Follow the topic; reconnect when the topic cannot be read (degraded,
+        every ``retry_s``) or the follower failed (after a growing backoff)."""
+        o = self.options
+        delay = o.retry_s
+        backoff = o.restart_backoff_s
+        while True:
+            if not connected:
+                await asyncio.sleep(delay)
+                try:
+                    async with asyncio.timeout(max(o.startup_timeout_s, 1.0)):
+                        await self._connect_and_read()
+                except Exception as exc:  # noqa: BLE001 - still degraded
+                    await self._disconnect()
+                    reason = _describe(exc)
+                    if reason != self.degraded:
+                        self._set_degraded(reason)
+                    delay = o.retry_s
+                    continue
+                connected = True
+                self.degraded = None
+                log.info("fleet.recovered", topic=o.topic, generation=self.log.generation)
+                self._schedule_apply()
+            started = time.monotonic()
             try:
-                async with asyncio.timeout(max(self.options.startup_timeout_s, 1.0)):
-                    await self._connect()
-                    await self._catch_up()
-            except Exception as exc:  # noqa: BLE001 - still degraded
+                await self._follow_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Anything but a Kafka error (retried in place): a bug, a broken
+                # client. Degraded, reconnect, read the topic again from the start.
+                if time.monotonic() - started > _BACKOFF_RESET_S:
+                    backoff = o.restart_backoff_s
+                self.follow_restarts += 1
+                log.exception("fleet.follow_failed", error=repr(exc), restart_in_s=backoff)
+                self._set_degraded(f"following the control topic failed: {exc!r}")
                 await self._disconnect()
-                reason = _describe(exc)
-                if reason != self.degraded:
-                    self._set_degraded(reason)
-                continue
-            log.info("fleet.recovered", topic=self.options.topic, generation=self.log.generation)
-            self.degraded = None
-            await self._apply_latest(initial=False)
-            self._run()
-            return
+                connected = False
+                delay, backoff = backoff, min(backoff * 2, o.restart_max_s)
+            else:
+                return
 
     def _set_degraded(self, reason: str) -> None:
         self.degraded = reason
@@ -335,23 +559,26 @@ class FleetControl:
                 log.warning("fleet.read_failed", error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
+            fold = self._fold
             for record in batch.get(self._tp, ()):
-                self._on_record(record.offset, record.key, record.value)
+                if self._on_record(fold, record.offset, record.key, record.value):
+                    self._schedule_apply()
 
-    def _on_record(self, offset: int, key: bytes | None, value: bytes | None) -> None:
-        self._position = offset + 1
-        self._progress.set()
-        self._progress = asyncio.Event()
+    def _on_record(self, fold: _Fold, offset: int, key: bytes | None, value: bytes | None) -> bool:
+        """Fold one record into ``fold``; whether the desired generation changed."""
+        fold.position = offset + 1
+        if fold is self._fold:
+            self._pulse_progress()
         if key == DESIRED_KEY:
             if value is None:
-                return
+                return False
             try:
                 proposal = proposal_from_pb(pb.FleetDesiredState.FromString(value))
             except (DecodeError, ValueError) as exc:
                 self._skip(offset, exc)
-                return
-            before = self.log.generation
-            verdict = self.log.apply(proposal)
+                return False
+            before = fold.log.generation
+            verdict = fold.log.apply(proposal)
             if verdict is Verdict.VOID:
                 if self._void_since is None:
                     self._void_since = time.monotonic()
@@ -360,31 +587,41 @@ class FleetControl:
             waiting = self._waiting.pop(proposal.write_id, None)
             if waiting is not None and not waiting.done():
                 waiting.set_result(verdict)
-            if self.log.generation != before:
-                self._apply_wake.set()
+            changed = fold.log.generation != before
+            if changed:
                 self._reports_pulse()
-            return
+            return changed
         if key is not None and key.startswith(REPLICA_PREFIX):
             instance = key[len(REPLICA_PREFIX) :].decode("utf-8", "replace")
             if value is None:
-                self.reports.pop(instance, None)
-                self.report_records.pop(instance, None)
+                fold.reports = {k: v for k, v in fold.reports.items() if k != instance}
+                fold.records = {k: v for k, v in fold.records.items() if k != instance}
             else:
                 try:
                     record = pb.ReplicaReport.FromString(value)
-                    self.reports[instance] = report_from_pb(record)
+                    report = report_from_pb(record)
                 except (DecodeError, ValueError) as exc:
                     self._skip(offset, exc)
-                    return
-                self.report_records[instance] = record
+                    return False
+                fold.reports = {**fold.reports, instance: report}
+                fold.records = {**fold.records, instance: record}
             self._reports_pulse()
-            return
+            return False
         self._skip(offset, ValueError(f"unknown key {key!r}"))
+        return False
+
+    def _pulse_progress(self) -> None:
+        progress = self._progress
+        if progress is not None:
+            progress.set()
+            self._progress = asyncio.Event()
 
     def _reports_pulse(self) -> None:
         """Wake every waiter on reports (each waits on the event it saw)."""
-        self._reports_changed.set()
-        self._reports_changed = asyncio.Event()
+        changed = self._reports_changed
+        if changed is not None:
+            changed.set()
+            self._reports_changed = asyncio.Event()
 
     def _skip(self, offset: int, exc: Exception) -> None:
         self.records_skipped += 1
@@ -392,18 +629,38 @@ class FleetControl:
 
     # -------------------------------------------------------------- apply
 
+    def _schedule_apply(self) -> None:
+        """From the I/O loop: have the service's loop apply the latest state
+        (one apply pending at a time; it applies whatever is latest then)."""
+        main = self._main
+        if self._apply_pending or main is None or main.is_closed():
+            return
+        self._apply_pending = True
+        future = asyncio.run_coroutine_threadsafe(self._apply_and_report(), main)
+        future.add_done_callback(_log_failure)
+
+    async def _apply_and_report(self) -> None:
+        """On the service's loop: apply the latest state, then report it."""
+        self._apply_pending = False
+        await self._apply_latest(initial=False)
+        self._report_base = self.report_record()
+        with contextlib.suppress(NotReadyError):
+            self.io.submit(self._publish(self._report_base))
+
     async def _apply_latest(self, *, initial: bool) -> None:
         async with self._apply_lock:
             target = self.log.effective()
             if target.generation <= self.applied_generation or self.log.current is None:
                 return
             try:
-                self.outcomes[target.generation] = await self._apply(target, initial)
+                result = await self._apply(target, initial)
             except Exception as exc:
                 self.failed_generation = target.generation
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("fleet.apply_failed", generation=target.generation, error=repr(exc))
             else:
+                recent = {g: o for g, o in self.outcomes.items() if g >= target.generation - 16}
+                self.outcomes = {**recent, target.generation: result}
                 self.applied_generation = target.generation
                 self.last_error = ""
                 log.info(
@@ -414,21 +671,25 @@ class FleetControl:
                     paused="all" if target.paused.all else len(target.paused.partitions),
                     initial=initial,
                 )
-            for old in [g for g in self.outcomes if g < target.generation - 16]:
-                del self.outcomes[old]
 
-    async def _apply_loop(self) -> None:
+    async def _refresh_loop(self) -> None:
+        """On the service's loop: the snapshot heartbeats carry, every heartbeat."""
         while True:
-            await self._apply_wake.wait()
-            self._apply_wake.clear()
-            await self._apply_latest(initial=False)
-            await self.publish_report()
+            await asyncio.sleep(self.options.heartbeat_s)
+            try:
+                self._report_base = self.report_record()
+            except Exception as exc:  # noqa: BLE001 - stopping; the next one tries again
+                log.debug("fleet.snapshot_failed", error=repr(exc))
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.heartbeat_s)
-            if self.degraded is None:
-                await self.publish_report()
+            base = self._report_base
+            if self.degraded is None and base is not None:
+                record = pb.ReplicaReport()
+                record.CopyFrom(base)
+                record.time.CopyFrom(_timestamp(self._clock()))
+                await self._publish(record)
                 void_since = self._void_since
                 if (
                     void_since is not None
@@ -452,6 +713,7 @@ class FleetControl:
         )
 
     def report_record(self) -> pb.ReplicaReport:
+        """This replica's report now (on the service's loop: it reads the service)."""
         snap = self._snapshot()
         return pb.ReplicaReport(
             instance=self.options.instance,
@@ -472,14 +734,20 @@ class FleetControl:
             heartbeat_seconds=self.options.heartbeat_s,
             degraded=self.degraded is not None,
             group_id=self.options.group_id,
+            host=self.options.host,
         )
 
     async def publish_report(self) -> None:
+        """Publish this replica's report now (from the service's loop)."""
+        self._report_base = self.report_record()
+        await self.io.call(self._publish(self._report_base))
+
+    async def _publish(self, record: pb.ReplicaReport | None) -> None:
         producer = self._producer
-        if producer is None or self.degraded is not None:
+        if producer is None or record is None or self.degraded is not None:
             return
         try:
-            value = self.report_record().SerializeToString()
+            value = record.SerializeToString()
             async with asyncio.timeout(self.options.write_timeout_s):
                 await producer.send_and_wait(
                     self.options.topic, value, key=self._report_key(), partition=0
@@ -493,11 +761,17 @@ class FleetControl:
 
     async def sync(self, timeout: float | None = None) -> None:
         """Wait until every record appended before this call has been read."""
+        self._require()
+        await self.io.call(self._sync(timeout))
+
+    async def _sync(self, timeout: float | None = None) -> None:
         consumer = self._require()
         async with asyncio.timeout(timeout or self.options.write_timeout_s):
             end = (await consumer.end_offsets([self._tp]))[self._tp]
-            while self._position < end:
-                await self._progress.wait()
+            while self._fold.position < end:
+                progress = self._progress
+                assert progress is not None
+                await progress.wait()
 
     def _require(self) -> AIOKafkaConsumer:
         consumer = self._consumer
@@ -525,10 +799,65 @@ class FleetControl:
         took it first (by the topic's order), :class:`NotReadyError` when the
         control topic cannot be used."""
         self._require()
-        every = tuple(every)
-        async with self._write_lock:
+        return await self.io.call(
+            self._write(
+                change,
+                request_id=request_id,
+                expected_generation=expected_generation,
+                caller_role=caller_role,
+                caller_peer=caller_peer,
+                every=tuple(every),
+            )
+        )
+
+    async def write_and_wait(
+        self,
+        change: Change,
+        *,
+        wait: float,
+        started: float | None = None,
+        request_id: str = "",
+        expected_generation: int | None = None,
+        caller_role: str = "",
+        caller_peer: str = "",
+        every: Iterable[Partition] = (),
+    ) -> tuple[WriteResult, list[ReplicaOutcome], bool]:
+        """:meth:`write`, then :meth:`wait_applied` for its generation, in one
+        trip to the I/O loop."""
+        self._require()
+
+        async def both() -> tuple[WriteResult, list[ReplicaOutcome], bool]:
+            result = await self._write(
+                change,
+                request_id=request_id,
+                expected_generation=expected_generation,
+                caller_role=caller_role,
+                caller_peer=caller_peer,
+                every=tuple(every),
+            )
+            outcomes, complete = await self._wait_applied(
+                result.generation, timeout=wait, started=started
+            )
+            return result, outcomes, complete
+
+        return await self.io.call(both())
+
+    async def _write(
+        self,
+        change: Change,
+        *,
+        request_id: str,
+        expected_generation: int | None,
+        caller_role: str,
+        caller_peer: str,
+        every: tuple[Partition, ...],
+    ) -> WriteResult:
+        self._require()
+        lock = self._write_lock
+        assert lock is not None
+        async with lock:
             if expected_generation is not None:
-                await self.sync()
+                await self._sync()
             for _attempt in range(MAX_WRITE_ATTEMPTS):
                 current = self.log.effective()
                 write_id = uuid.uuid4().hex
@@ -582,7 +911,7 @@ class FleetControl:
             )
 
     def _count(self, outcome: str) -> None:
-        self.writes[outcome] = self.writes.get(outcome, 0) + 1
+        self.writes = {**self.writes, outcome: self.writes.get(outcome, 0) + 1}
 
     async def _propose(self, proposal: Proposal) -> Verdict:
         producer = self._producer
@@ -590,14 +919,22 @@ class FleetControl:
             raise NotReadyError("fleet control is not connected")
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._waiting[proposal.write_id] = future
+        # The verdict is what counts: reading the record back (up to the high
+        # watermark, so acknowledged by every in-sync copy) answers the write
+        # even when the producer's acknowledgement comes later.
+        send = asyncio.ensure_future(
+            producer.send_and_wait(
+                self.options.topic,
+                proposal_to_pb(proposal).SerializeToString(),
+                key=DESIRED_KEY,
+                partition=0,
+            )
+        )
         try:
             async with asyncio.timeout(self.options.write_timeout_s):
-                await producer.send_and_wait(
-                    self.options.topic,
-                    proposal_to_pb(proposal).SerializeToString(),
-                    key=DESIRED_KEY,
-                    partition=0,
-                )
+                await asyncio.wait((send, future), return_when=asyncio.FIRST_COMPLETED)
+                if not future.done():
+                    send.result()  # the send failed: raise its error
                 return await future
         except TimeoutError as exc:
             raise NotReadyError(
@@ -606,6 +943,7 @@ class FleetControl:
             ) from exc
         finally:
             self._waiting.pop(proposal.write_id, None)
+            send.add_done_callback(_consume_send)
 
     async def _restate(self) -> None:
         """Append the current state again, so the latest record is not void."""
@@ -629,22 +967,92 @@ class FleetControl:
         self, generation: int, *, timeout: float, started: float | None = None
     ) -> tuple[list[ReplicaOutcome], bool]:
         """Wait until every live replica reported ``generation`` applied (or
-        failed), up to ``timeout``; return one outcome per live replica and
-        whether all are in."""
+        failed, or is provably gone), up to ``timeout``; return one outcome
+        per live replica and whether none is pending."""
+        return await self.io.call(self._wait_applied(generation, timeout=timeout, started=started))
+
+    async def _wait_applied(
+        self, generation: int, *, timeout: float, started: float | None = None
+    ) -> tuple[list[ReplicaOutcome], bool]:
         watch = ApplyWatch(generation, self._clock() if started is None else started)
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
+        probe_at = began + self.options.probe_after
+        probe_every = max(self.options.probe_after, 0.25)
+        next_probe: dict[str, float] = {}
         while True:
             now = self._clock()
-            for report in self.reports.values():
+            reports = self.reports
+            for report in reports.values():
                 watch.observe(report, now)
-            if watch.done(self.reports, now):
-                return watch.outcomes(self.reports, now), True
-            left = deadline - time.monotonic()
+            down = self._down_marks(reports)
+            outcomes = watch.outcomes(reports, now, down)
+            pending = [o for o in outcomes if o.outcome is Outcome.PENDING]
+            if not pending:
+                return outcomes, True
+            mono = time.monotonic()
+            left = deadline - mono
             if left <= 0:
-                return watch.outcomes(self.reports, now), False
+                return outcomes, False
+            wake = left
+            if mono >= probe_at:
+                for o in pending:
+                    report = reports[o.instance]
+                    due = next_probe.get(o.instance, mono)
+                    if mono >= due:
+                        next_probe[o.instance] = mono + probe_every
+                        self._probe(report)
+                    wake = min(wake, next_probe[o.instance] - mono)
+            else:
+                wake = min(wake, probe_at - mono)
             changed = self._reports_changed
+            assert changed is not None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(left, 0.5))
+                await asyncio.wait_for(changed.wait(), max(0.001, min(wake, 0.5)))
+
+    def _down_marks(self, reports: Mapping[str, Report]) -> dict[str, str]:
+        """Instances found gone whose latest report is the one probed."""
+        marks = {}
+        for instance, (at, why) in self._down.items():
+            report = reports.get(instance)
+            if report is not None and report.time == at:
+                marks[instance] = why
+        return marks
+
+    def _probe(self, report: Report) -> None:
+        """Probe the process of ``report`` (in the background); a proof that it
+        is gone marks it down and wakes the waiters."""
+        instance = report.instance
+        if (
+            instance == self.options.instance
+            or instance in self._probing
+            or not report.grpc_address
+        ):
+            return
+        self._probing.add(instance)
+
+        async def run() -> None:
+            try:
+                why = await probe_gone(
+                    report.grpc_address,
+                    instance,
+                    same_host=bool(report.host) and report.host == self.options.host,
+                    tls=self.options.grpc_tls,
+                    timeout=self.options.probe_timeout_s,
+                )
+            finally:
+                self._probing.discard(instance)
+            if why is None:
+                return
+            current = self.reports.get(instance)
+            if current is None or current.time != report.time:
+                return  # it reported since: alive after all, or a new process
+            kept = {k: v for k, v in self._down.items() if k in self.reports and k != instance}
+            self._down = {**kept, instance: (report.time, why)}
+            log.info("fleet.replica_down", instance=instance, reason=why)
+            self._reports_pulse()
+
+        self._spawn(run(), f"fleet.probe.{instance}")
 
     # ------------------------------------------------------------- status
 
@@ -655,6 +1063,19 @@ class FleetControl:
     def live_reports(self) -> dict[str, Report]:
         now = self._clock()
         return {k: r for k, r in self.reports.items() if not is_stale(r, now)}
+
+
+def _consume_send(send: asyncio.Future[Any]) -> None:
+    if not send.cancelled() and send.exception() is not None:
+        log.warning("fleet.send_failed", error=repr(send.exception()))
+
+
+def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        log.error("fleet.apply_task_failed", error=repr(exc))
 
 
 # ------------------------------------------------------------------ topic
@@ -801,4 +1222,5 @@ def report_from_pb(record: pb.ReplicaReport) -> Report:
         grpc_address=record.grpc_address,
         failed_generation=record.failed_generation,
         last_error=record.last_error,
+        host=record.host,
     )

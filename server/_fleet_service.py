@@ -17,9 +17,11 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from aiokafka import TopicPartition
+from grpc_health.v1 import health_pb2
 
 from pool import PoolMode, SwitchResult
 from server._fleet import FleetControl, FleetOptions, LocalSnapshot
+from server._fleet_probe import identity_service
 from server._fleet_state import CHANGE_RESUME, DesiredState, Paused
 from server._pauses import DRAIN, OPERATOR
 from server._version import version
@@ -46,6 +48,7 @@ def build_fleet(service: Service, grpc_address: str | None) -> FleetControl:
         heartbeat_s=s.control.heartbeat_ms / 1000,
         startup_timeout_s=s.control.startup_timeout_ms / 1000,
         fetch_max_wait_ms=s.kafka.consumer.fetch_max_wait_ms,
+        grpc_tls=s.grpc.tls.cert_file is not None,
     )
 
     async def apply(state: DesiredState, initial: bool) -> SwitchResult | None:
@@ -58,12 +61,22 @@ def build_fleet(service: Service, grpc_address: str | None) -> FleetControl:
         consumer = service.consumer
         return {topic: consumer.partitions_for(topic) for topic in s.kafka.topics}
 
+    async def announce() -> None:
+        # Before the first report: which replica serves this gRPC address (a
+        # replica probing it then tells this process from a newer one).
+        handle = service.grpc_server
+        if handle is not None:
+            await handle.health.set(
+                identity_service(service.instance), health_pb2.HealthCheckResponse.SERVING
+            )
+
     return FleetControl(
         options,
         defaults=fleet_defaults(service),
         apply=apply,
         snapshot=snapshot,
         partitions=partitions,
+        announce=announce,
     )
 
 

@@ -360,6 +360,8 @@ class Report:
     grpc_address: str = ""
     failed_generation: int = 0
     last_error: str = ""
+    #: The reporting process's host name (where a loopback address means it).
+    host: str = ""
 
 
 def is_stale(report: Report, now: float) -> bool:
@@ -417,6 +419,8 @@ class Outcome(StrEnum):
     APPLIED = "applied"
     PENDING = "pending"
     FAILED = "failed"
+    #: Not applied, and provably gone (its report is not stale yet): not waited for.
+    DOWN = "down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +440,9 @@ class ApplyWatch:
 
     ``observe`` is fed every report read (with the reader's clock); ``done``
     when every live replica applied or failed. A replica whose report is
-    stale is not waited for; a replica that stopped (tombstone) is dropped.
+    stale is not waited for; a replica that stopped (tombstone) is dropped;
+    a replica listed in ``down`` (instance -> why: its process is provably
+    gone) is answered ``DOWN`` and not waited for, unless it applied.
     """
 
     generation: int
@@ -451,7 +457,10 @@ class ApplyWatch:
         ):
             self.seen[report.instance] = now - self.started
 
-    def outcomes(self, reports: Mapping[str, Report], now: float) -> list[ReplicaOutcome]:
+    def outcomes(
+        self, reports: Mapping[str, Report], now: float, down: Mapping[str, str] | None = None
+    ) -> list[ReplicaOutcome]:
+        down = down or {}
         out = []
         for instance, report in sorted(reports.items()):
             if is_stale(report, now) and instance not in self.seen:
@@ -466,6 +475,8 @@ class ApplyWatch:
             elif report.applied_generation >= self.generation:
                 # Applied before this watch began (a replayed call).
                 outcome, took = Outcome.APPLIED, 0.0
+            elif instance in down:
+                outcome = Outcome.DOWN
             else:
                 outcome = Outcome.PENDING
             out.append(
@@ -475,13 +486,21 @@ class ApplyWatch:
                     outcome=outcome,
                     applied_generation=report.applied_generation,
                     took_s=took,
-                    error=report.last_error if outcome is Outcome.FAILED else "",
+                    error=(
+                        report.last_error
+                        if outcome is Outcome.FAILED
+                        else down[instance]
+                        if outcome is Outcome.DOWN
+                        else ""
+                    ),
                 )
             )
         return out
 
-    def done(self, reports: Mapping[str, Report], now: float) -> bool:
-        return all(o.outcome is not Outcome.PENDING for o in self.outcomes(reports, now))
+    def done(
+        self, reports: Mapping[str, Report], now: float, down: Mapping[str, str] | None = None
+    ) -> bool:
+        return all(o.outcome is not Outcome.PENDING for o in self.outcomes(reports, now, down))
 
 
 def partitions_sorted(items: Sequence[Partition]) -> list[Partition]:

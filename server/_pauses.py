@@ -240,6 +240,10 @@ class PauseBook(Generic[P, E]):
         bp = self._parts[partition].backpressure
         return tuple(r for r in REASONS if (bp if r == BACKPRESSURE else self._has(r, partition)))
 
+    def held_by_control(self, partition: P) -> bool:
+        """Whether an operator pause or a drain holds ``partition``."""
+        return any(self._has(r, partition) for r in CONTROL_REASONS)
+
     def held(self, partition: P) -> bool:
         """Whether anything holds ``partition`` (whether fetching stopped or not)."""
         if self._parts[partition].backpressure:

@@ -382,6 +382,11 @@ class Service:
         return self._consumer
 
     @property
+    def grpc_server(self) -> Any:
+        """The running control plane (a ``GrpcServerHandle``), or ``None``."""
+        return self._grpc
+
+    @property
     def dead_letter_sink(self) -> DeadLetterSink:
         if self._sink is None:
             raise NotReadyError("the service is not started")

@@ -63,6 +63,7 @@ def test_fast_lane_leaves_out_processes_and_campaigns() -> None:
     assert "tests/server/test_service.py" in files
     assert not any(f.startswith("tests/bench/") for f in files), files
     assert "tests/server/test_process.py" not in files
+    assert "tests/server/test_process_startup.py" not in files
     assert "tests/deploy/test_service_prometheus.py" not in files
     assert not any(i.startswith("tests/deploy/test_prometheus.py::test_rate_of") for i in ids)
     # Static checks of the deploy files stay in the fast lane.

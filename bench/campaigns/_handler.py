@@ -16,7 +16,10 @@ configured by the environment of that process:
 next to nothing per event (a counter, and the simulated I/O), no record line.
 It appends ``first <ns>`` when the process handles its first event and
 ``last <ns> <count>`` when it has handled ``BENCH_TARGET`` of them to
-``BENCH_MARKS`` (``time.monotonic_ns()``): two writes per run.
+``BENCH_MARKS`` (``time.monotonic_ns()``): two writes per run. With
+``BENCH_TARGET_FILE`` the target is read from that file at the first event
+instead (``bench/scaling_bench.py``: a replica's share of the backlog is known
+only once the group has assigned its partitions).
 
 The payload (``{"seq": n, "t": monotonic_ns, ...}``) may carry failure markers:
 
@@ -98,6 +101,7 @@ async def handle(message: Message) -> None:
 
 _counted = 0
 _target = int(os.environ.get("BENCH_TARGET", "0"))
+_target_file = os.environ.get("BENCH_TARGET_FILE")
 
 
 def _mark(text: str) -> None:
@@ -108,15 +112,22 @@ def _mark(text: str) -> None:
         os.close(fd)
 
 
+def _read_target(path: str) -> int:
+    with open(path) as fh:
+        return int(fh.read())
+
+
 async def count(message: object) -> None:
     """Count the event (after ``HANDLER_LATENCY_MS`` of simulated I/O); see the
     module docstring. ``message`` is not looked at: the plain loop of the bench
     passes the decoded value."""
-    global _counted
+    global _counted, _target
     if _latency:
         await asyncio.sleep(_latency)
     _counted += 1
     if _counted == 1:
+        if _target_file:
+            _target = _read_target(_target_file)
         _mark(f"first {time.monotonic_ns()}")
     if _counted == _target:
         _mark(f"last {time.monotonic_ns()} {_counted}")

@@ -58,6 +58,7 @@ _OUTCOME_TO_PB: Final = {
     Outcome.APPLIED: pb.REPLICA_OUTCOME_APPLIED,
     Outcome.PENDING: pb.REPLICA_OUTCOME_PENDING,
     Outcome.FAILED: pb.REPLICA_OUTCOME_FAILED,
+    Outcome.DOWN: pb.REPLICA_OUTCOME_DOWN,
 }
 
 
@@ -128,8 +129,10 @@ async def write(
     outcome = "error"
     generation: int | None = None
     try:
-        result = await fleet.write(
+        result, outcomes, complete = await fleet.write_and_wait(
             change,
+            wait=wait,
+            started=started,
             request_id=request.request_id,
             expected_generation=expected,
             caller_role=str(context.get("caller") or ""),
@@ -137,9 +140,6 @@ async def write(
             every=every_partition(fleet),
         )
         generation = result.generation
-        outcomes, complete = await fleet.wait_applied(
-            result.generation, timeout=wait, started=started
-        )
         outcome = "replayed" if result.replayed else ("applied" if complete else "pending")
     except Exception as exc:
         outcome = type(exc).__name__
@@ -238,12 +238,15 @@ def fleet_status(target: object) -> pb.GetFleetStatusResponse:
         if report is None:
             continue
         diffs = report_differences(desired, report)
+        down = fleet.down_reason(instance)
         response.replicas.add(
             report=record,
             stale=is_stale(report, now),
             diverged=bool(diffs),
             differences=diffs,
             age=duration(max(0.0, now - report.time)),
+            down=down is not None,
+            down_reason=down or "",
         )
     return response
 

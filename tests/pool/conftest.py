@@ -12,10 +12,12 @@ from pool import (
     ActorPoolOptions,
     BasePool,
     KeyedWorkerPool,
-    Message,
     PoolOptions,
     RetryPolicy,
 )
+
+# ``msg`` lives in tests/support (the server tests use it too); the pool tests import it here.
+from tests.support.messages import msg as msg
 
 PoolFactory = Callable[..., BasePool]
 
@@ -42,16 +44,3 @@ def pool_factory(pool_kind: str) -> PoolFactory:
         return make_pool(pool_kind, handler, **kw)
 
     return factory
-
-
-def msg(aggregate_id: str, offset: int, partition: int = 0, value: bytes = b"") -> Message:
-    return Message(
-        topic="t",
-        partition=partition,
-        offset=offset,
-        key=aggregate_id.encode(),
-        value=value,
-        headers=(),
-        aggregate_id=aggregate_id,
-        timestamp_ms=0,
-    )

@@ -14,6 +14,7 @@ from pool import (
     ActorPool,
     ActorPoolOptions,
     DeadLetterReason,
+    Handler,
     KeyedWorkerPool,
     Message,
     NoopMetrics,
@@ -43,21 +44,36 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str
     return out
 
 
-async def test_actor_pool_exports_the_original_seven_metrics_per_executor() -> None:
-    registry = CollectorRegistry()
-    metrics = PrometheusPoolMetrics("actor", 4, registry, per_executor=True)
-    gate = asyncio.Event()
+def gated_handler(gate: asyncio.Event, *, failing: str) -> Handler:
+    """Aggregate ``held`` waits for ``gate``; aggregate ``failing`` always raises."""
 
     async def handler(m: Message) -> None:
         if m.aggregate_id == "held":
             await gate.wait()
-        if m.aggregate_id == "bad":
+        if m.aggregate_id == failing:
             raise RuntimeError("x")
 
+    return handler
+
+
+def four_actors(handler: Handler, metrics: PrometheusPoolMetrics) -> ActorPool:
+    """Four actors, inboxes of 10, two attempts without backoff."""
     retry = RetryPolicy(max_attempts=2, initial_backoff=0.0, jitter=0.0)
-    async with ActorPool(
-        handler, ActorPoolOptions(size=4, capacity=10, retry=retry), metrics=metrics
-    ) as pool:
+    options = ActorPoolOptions(size=4, capacity=10, retry=retry)
+    return ActorPool(handler, options, metrics=metrics)
+
+
+def assert_the_original_seven(s: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+    families = {name for name, _ in s}
+    for name in ORIGINAL_SEVEN:
+        assert any(f.startswith(name) for f in families), name
+
+
+async def test_actor_pool_exports_the_original_seven_metrics_per_executor() -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusPoolMetrics("actor", 4, registry, per_executor=True)
+    gate = asyncio.Event()
+    async with four_actors(gated_handler(gate, failing="bad"), metrics) as pool:
         good = pool.executor_for("good")
         held = pool.executor_for("held")
         bad = pool.executor_for("bad")
@@ -68,9 +84,7 @@ async def test_actor_pool_exports_the_original_seven_metrics_per_executor() -> N
             await pool.submit(msg("held", 10 + i))
         await asyncio.sleep(0)
         s = samples(registry)
-        families = {name for name, _ in s}
-        for name in ORIGINAL_SEVEN:
-            assert any(f.startswith(name) for f in families), name
+        assert_the_original_seven(s)
         aid = (("actor_id", str(held)),)
         assert s[("kafka_eventbus_actor_pool_inbox_depth", aid)] == 3
         assert s[("kafka_eventbus_actor_pool_inbox_utilization", aid)] == 0.3
@@ -113,17 +127,7 @@ async def test_by_default_each_name_is_one_series_per_pool_summed_over_executors
     registry = CollectorRegistry()
     metrics = PrometheusPoolMetrics("actor", 4, registry)
     gate = asyncio.Event()
-
-    async def handler(m: Message) -> None:
-        if m.aggregate_id == "held":
-            await gate.wait()
-        if m.aggregate_id == "poison":
-            raise RuntimeError("x")
-
-    retry = RetryPolicy(max_attempts=2, initial_backoff=0.0, jitter=0.0)
-    async with ActorPool(
-        handler, ActorPoolOptions(size=4, capacity=10, retry=retry), metrics=metrics
-    ) as pool:
+    async with four_actors(gated_handler(gate, failing="poison"), metrics) as pool:
         assert len({pool.executor_for(a) for a in ("good", "held", "poison")}) == 3
         await (await pool.submit(msg("good", 0)))
         await (await pool.submit(msg("good", 1)))
@@ -132,9 +136,7 @@ async def test_by_default_each_name_is_one_series_per_pool_summed_over_executors
             await pool.submit(msg("held", 10 + i))
         await asyncio.sleep(0)
         s = samples(registry)
-        families = {name for name, _ in s}
-        for name in ORIGINAL_SEVEN:
-            assert any(f.startswith(name) for f in families), name
+        assert_the_original_seven(s)
         assert all(dict(labels).keys() <= {"success", "reason", "le"} for _, labels in s), s
         p = "kafka_eventbus_actor_pool_"
         assert s[(f"{p}messages_sent_total", ())] == 6

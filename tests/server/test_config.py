@@ -185,6 +185,13 @@ def test_flags_cover_documented_options() -> None:
     assert build_arg_parser().prog == "pool-server"
 
 
+def test_every_option_has_help() -> None:
+    parser = build_arg_parser()
+    missing = ["/".join(a.option_strings) for a in parser._actions if not a.help]
+    assert missing == []
+    assert len(parser._actions) == 14  # the walk saw every option
+
+
 def test_snake_case_yaml_keys_are_accepted(tmp_path: Path) -> None:
     path = write(tmp_path, "eventbus:\n  pool:\n    actor:\n      inbox_size: 5\n")
     assert load_settings(["--config", path], {}).pool.actor.inbox_size == 5

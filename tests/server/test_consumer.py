@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -478,3 +479,34 @@ async def test_backpressure_and_mode_switches_together_keep_order_and_commit_eve
     assert switches >= 5
     assert not rec.overlap
     assert all(seqs == list(range(40)) for seqs in rec.seen.values())
+
+
+async def test_an_assignment_arriving_while_the_consumer_closes_is_ignored(
+    broker: EmbeddedBroker, make_topic: MakeTopic, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Closed right after start (a service stopped at once): aiokafka completes the
+    # group join inside close() and hands the assignment to our listener.
+    topic = await make_topic(partitions=2)
+    rec = Recorder()
+    keyed = KeyedWorkerPool(rec, PoolOptions(size=2, capacity=10))
+    actor = ActorPool(rec, ActorPoolOptions(size=2, capacity=10))
+    caplog.set_level(logging.WARNING, logger="aiokafka")
+    async with PoolSwitch(keyed, actor, mode=PoolMode.KEYED) as switch:
+        for n, delay in enumerate((0.0, 0.2)):
+            opts = ConsumerOptions(
+                bootstrap_servers=broker.bootstrap,
+                group_id=f"{topic}-g{n}",
+                topics=(topic,),
+                session_timeout_ms=2000,
+                heartbeat_interval_ms=500,
+            )
+            consumer = EventConsumer(
+                opts, decoder=JsonDecoder(), dispatcher=switch, dead_letters=MemorySink()
+            )
+            await consumer.start()
+            await asyncio.sleep(delay)
+            await consumer.close()
+            assert consumer.assignment == []
+            assert consumer.failure is None
+    failed = [r.getMessage() for r in caplog.records if "failed on partition" in r.getMessage()]
+    assert failed == []

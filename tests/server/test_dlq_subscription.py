@@ -7,23 +7,14 @@ from collections.abc import Callable
 
 import pytest
 
-from pool import DeadLetter, DeadLetterReason, Message
+from pool import DeadLetter, DeadLetterReason
 from server._dlq_subscription import DeadLetterListener, DeadLetterSubscription
+from tests.support.messages import msg
 
 
 def dead(n: int, aggregate_id: str = "a") -> DeadLetter:
-    msg = Message(
-        topic="t",
-        partition=0,
-        offset=n,
-        key=None,
-        value=b"",
-        headers=(),
-        aggregate_id=aggregate_id,
-        timestamp_ms=0,
-    )
     return DeadLetter(
-        message=msg,
+        message=msg(aggregate_id, n),
         reason=DeadLetterReason.NON_RETRYABLE,
         error_type="",
         error_message="",

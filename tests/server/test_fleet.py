@@ -212,6 +212,53 @@ async def test_concurrent_compare_and_set_writes_through_two_replicas_exactly_on
             await ca.set_mode("actor", expected_generation=3)
 
 
+async def test_a_follower_failing_on_a_bug_is_restarted_degraded_meanwhile(
+    broker: EmbeddedBroker, make_topic: MakeTopic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = await make_topic(partitions=2)
+    group = f"{topic}-g"
+    with capture_logs() as logs:
+        async with (
+            replica(broker, topic, group) as (a, ca, _),
+            replica(broker, topic, group) as (_b, cb, _),
+        ):
+            fleet = a.fleet
+            assert fleet is not None
+            fold_record = fleet._on_record
+            left = [2]  # the follower, then the re-read after its restart
+
+            def failing(*args: object) -> bool:
+                if args[2] == b"desired" and left[0]:
+                    left[0] -= 1
+                    raise RuntimeError("injected fold failure")
+                return fold_record(*args)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(fleet, "_on_record", failing)
+            await cb.set_mode("actor", wait_timeout=0)
+
+            async def degraded() -> bool:
+                return (await ca.status()).fleet.degraded
+
+            await assert_eventually(degraded, timeout=10, message="a reports itself degraded")
+            assert _metric(a, "kafka_eventbus_fleet_degraded") == 1.0
+            with pytest.raises(UnavailableError, match="control topic"):
+                await ca.set_rollout(10, timeout=5)
+            # Restarted: it reads the topic again and applies what it missed.
+            await assert_eventually(
+                lambda: mode_of(a) is PoolMode.ACTOR and fleet.degraded is None, timeout=20
+            )
+            assert fleet.applied_generation == 1
+            assert fleet.follow_restarts == 1
+            status = await ca.status()
+            assert not status.fleet.degraded
+            assert not status.fleet.diverged
+            assert (await ca.set_rollout(10)).fleet.complete
+    failed = [e for e in logs if e["event"] == "fleet.follow_failed"]
+    assert len(failed) == 1
+    assert "injected fold failure" in failed[0]["error"]
+    assert any(e["event"] == "fleet.recovered" for e in logs)
+
+
 async def test_bad_fleet_arguments(broker: EmbeddedBroker, make_topic: MakeTopic) -> None:
     topic = await make_topic(partitions=2)
     async with replica(broker, topic, f"{topic}-g") as (_, client, _):

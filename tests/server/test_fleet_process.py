@@ -170,6 +170,94 @@ async def test_kill_9_and_restart_applies_the_fleet_mode_before_its_first_event(
     assert metrics["kafka_eventbus_fleet_diverged"] == 0
 
 
+#: Slow reports: a killed replica turns stale only after 3 x 3 s.
+SLOW_HEARTBEAT = {"control.heartbeatMs": 3000}
+
+
+async def test_a_replica_killed_right_before_a_fleet_call_is_answered_down_at_once(
+    broker: EmbeddedBroker, make_topic: MakeTopic, tmp_path: Path, services: list[ServiceProcess]
+) -> None:
+    topic = await _topic(broker, make_topic, 2)
+    record = tmp_path / "all.records"
+    a = _replica(broker, topic, tmp_path, services, "a", record, **SLOW_HEARTBEAT)
+    b = _replica(broker, topic, tmp_path, services, "b", record, **SLOW_HEARTBEAT)
+    await a.start(wait_assigned=False)
+    await b.start(wait_assigned=False)
+    async with a.client(timeout=30) as client:
+
+        async def both_reported() -> bool:
+            return len((await client.fleet_status()).replicas) == 2
+
+        await wait_for(both_reported, 30, "both replicas reported", interval=0.1)
+        b_instance = next(
+            r.report.instance
+            for r in (await client.fleet_status()).replicas
+            if r.report.grpc_address == b.grpc_address
+        )
+        b.kill(signal.SIGKILL)
+        started = asyncio.get_running_loop().time()
+        reply = await client.set_mode("actor", wait_timeout=20)
+        took = asyncio.get_running_loop().time() - started
+        # Far below the 9 s its report needs to turn stale (and the 20 s wait).
+        assert took < 3.0, f"the call took {took:.1f} s"
+        results = {r.instance: r for r in reply.fleet.replicas}
+        assert results[b_instance].outcome == pb.REPLICA_OUTCOME_DOWN
+        assert "connection refused" in results[b_instance].error
+        assert results[b_instance].grpc_address == b.grpc_address
+        others = [r for i, r in results.items() if i != b_instance]
+        assert [r.outcome for r in others] == [pb.REPLICA_OUTCOME_APPLIED]
+        assert reply.fleet.complete
+        fleet = await client.fleet_status()
+        gone = next(r for r in fleet.replicas if r.report.instance == b_instance)
+        assert gone.down
+        assert not gone.stale
+        assert "connection refused" in gone.down_reason
+    # Restarted (configured keyed): it follows the fleet's mode before its first event.
+    await b.start()
+    producer = SteadyProducer(broker.bootstrap, topic, partitions=2, aggregates=20)
+    stats = await producer.run(1_000, seconds=0.3)
+    await wait_for(lambda: len(read_records(record)) >= stats.acked, 30, "events handled")
+    async with b.client() as client:
+        status = await client.status()
+        assert status.mode == pb.POOL_MODE_ACTOR
+        assert not status.fleet.diverged
+    assert b.metrics().get("kafka_eventbus_keyed_pool_messages_sent_total", 0) == 0
+
+
+async def test_a_live_but_frozen_replica_is_waited_for_never_answered_down(
+    broker: EmbeddedBroker, make_topic: MakeTopic, tmp_path: Path, services: list[ServiceProcess]
+) -> None:
+    topic = await _topic(broker, make_topic, 2)
+    record = tmp_path / "all.records"
+    a = _replica(broker, topic, tmp_path, services, "a", record, **SLOW_HEARTBEAT)
+    b = _replica(broker, topic, tmp_path, services, "b", record, **SLOW_HEARTBEAT)
+    await a.start(wait_assigned=False)
+    await b.start(wait_assigned=False)
+    assert b.proc is not None
+    async with a.client(timeout=30) as client:
+
+        async def both_reported() -> bool:
+            return len((await client.fleet_status()).replicas) == 2
+
+        await wait_for(both_reported, 30, "both replicas reported", interval=0.1)
+        # SIGSTOP: its sockets accept connections, nothing answers (a blocked loop).
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            reply = await client.set_mode("actor", wait_timeout=2)
+            results = {r.grpc_address: r for r in reply.fleet.replicas}
+            assert results[b.grpc_address].outcome == pb.REPLICA_OUTCOME_PENDING
+            assert results[a.grpc_address].outcome == pb.REPLICA_OUTCOME_APPLIED
+            assert not reply.fleet.complete
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+    async with b.client(timeout=30) as client:
+
+        async def b_applied() -> bool:
+            return (await client.status()).mode == pb.POOL_MODE_ACTOR
+
+        await wait_for(b_applied, 30, "b applied the fleet's mode once it ran again")
+
+
 async def test_a_fleet_paused_partition_stays_paused_after_its_owner_is_killed(
     broker: EmbeddedBroker, make_topic: MakeTopic, tmp_path: Path, services: list[ServiceProcess]
 ) -> None:

@@ -195,6 +195,32 @@ def test_apply_watch_reports_applied_pending_failed_and_skips_stale() -> None:
     assert got["b"].error == "boom"
 
 
+def test_apply_watch_answers_a_gone_replica_down_and_stops_waiting_for_it() -> None:
+    def rep(name: str, gen: int, t: float) -> Report:
+        return Report(name, gen, PoolMode.ACTOR, 100.0, Paused(), time=t, heartbeat_s=5.0)
+
+    watch = ApplyWatch(generation=3, started=10.0)
+    reports = {
+        "a": rep("a", 3, 10.02),
+        "killed": rep("killed", 2, 9.0),
+        "slow": rep("slow", 2, 9.5),
+    }
+    watch.observe(reports["a"], 10.02)
+    down = {"killed": "nothing listens at 127.0.0.1:1 (connection refused)"}
+    # "slow" is not known to be gone: still waited for.
+    assert not watch.done(reports, 10.2, down)
+    got = {o.instance: o for o in watch.outcomes(reports, 10.2, down)}
+    assert got["killed"].outcome is Outcome.DOWN
+    assert got["killed"].error == down["killed"]
+    assert got["killed"].took_s is None
+    assert got["slow"].outcome is Outcome.PENDING
+    reports["slow"] = rep("slow", 3, 10.3)
+    watch.observe(reports["slow"], 10.3)
+    assert watch.done(reports, 10.3, down)
+    # A replica that applied is answered applied, whatever a probe said.
+    assert watch.outcomes(reports, 10.3, {"a": "gone"})[0].outcome is Outcome.APPLIED
+
+
 # ------------------------------------------------------------- properties
 
 _parts = st.one_of(

@@ -115,6 +115,20 @@ def test_a_dropped_backlog_keeps_the_partition_held() -> None:
     assert b.paused_at_consumer() == ["a"]
 
 
+def test_held_by_control_counts_operator_and_drain_not_backpressure() -> None:
+    b = book("a", "b")
+    b.defer("a", 1)
+    assert b.held("a")
+    assert not b.held_by_control("a")
+    b.hold(DRAIN, None)
+    assert b.held_by_control("a")
+    assert b.held_by_control("b")
+    b.release([DRAIN], ["a"])
+    assert (b.held_by_control("a"), b.held_by_control("b")) == (False, True)
+    b.hold(OPERATOR, ["a"])
+    assert b.held_by_control("a")
+
+
 def test_stopping_pauses_every_partition_whatever_its_holds() -> None:
     b = book("a", "b")
     b.hold(OPERATOR, ["a"])

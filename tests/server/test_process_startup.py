@@ -24,6 +24,9 @@ import pytest
 
 from server._broker import EmbeddedBroker, find_free_port
 
+# They start the service as a process: the slow lane, not in make test-fast.
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 FREE_PORTS = ["--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"]
 

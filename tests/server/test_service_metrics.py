@@ -26,7 +26,7 @@ from tests.server.kafka_utils import aggregate_events, envelope, produce
 from tests.server.recording_handler import MemoryRecorder
 from tests.server.test_service import _scrape, service_settings
 
-#: Series one replica may export by default (issue 12: 50 replicas, 75 000 series).
+#: Series one replica may export by default: 50 replicas within 75 000 series.
 SERIES_BUDGET = 1500
 PARTITIONS = 16
 AGGREGATES, PER_AGGREGATE, POISON = 3000, 2, 20

@@ -21,6 +21,7 @@ from pool import (
 )
 from server._switch_metrics import SWITCH_METRICS, SwitchMetrics
 from tests.helpers import assert_eventually
+from tests.support.messages import msg
 
 
 class _Gate:
@@ -29,19 +30,6 @@ class _Gate:
 
     async def __call__(self, message: Message) -> None:
         await self.open.wait()
-
-
-def _msg(aggregate_id: str, offset: int) -> Message:
-    return Message(
-        topic="t",
-        partition=0,
-        offset=offset,
-        key=None,
-        value=b"{}",
-        headers=(),
-        aggregate_id=aggregate_id,
-        timestamp_ms=0,
-    )
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -97,9 +85,9 @@ async def test_mode_rollout_and_switch_count_follow_the_switch(switch: PoolSwitc
 async def test_held_events_are_exposed_during_a_handover(switch: PoolSwitch, gate: _Gate) -> None:
     registry = CollectorRegistry()
     SwitchMetrics(switch, registry)
-    await switch.submit(_msg("order-1", 0))  # runs in the keyed pool, held by the gate
+    await switch.submit(msg("order-1", 0))  # runs in the keyed pool, held by the gate
     await switch.set_mode(PoolMode.ACTOR, wait_timeout=0)
-    await switch.submit(_msg("order-1", 1))  # must wait for offset 0: held
+    await switch.submit(msg("order-1", 1))  # must wait for offset 0: held
     assert samples(registry)["kafka_eventbus_pool_held_events", ()] == 1
     gate.open.set()
     await assert_eventually(

@@ -95,6 +95,11 @@ class _ReplicaOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Replic
     """Not yet when the call returned (wait_timeout reached)."""
     REPLICA_OUTCOME_FAILED: _ReplicaOutcome.ValueType  # 3
     """It reported an error applying the generation."""
+    REPLICA_OUTCOME_DOWN: _ReplicaOutcome.ValueType  # 4
+    """Not applied, and its process is provably gone (its gRPC address refuses
+    connections or is served by another process) before its report turned
+    stale: not waited for. `error` says why.
+    """
 
 class ReplicaOutcome(_ReplicaOutcome, metaclass=_ReplicaOutcomeEnumTypeWrapper):
     """How one replica took a fleet write."""
@@ -106,6 +111,11 @@ REPLICA_OUTCOME_PENDING: ReplicaOutcome.ValueType  # 2
 """Not yet when the call returned (wait_timeout reached)."""
 REPLICA_OUTCOME_FAILED: ReplicaOutcome.ValueType  # 3
 """It reported an error applying the generation."""
+REPLICA_OUTCOME_DOWN: ReplicaOutcome.ValueType  # 4
+"""Not applied, and its process is provably gone (its gRPC address refuses
+connections or is served by another process) before its report turned
+stale: not waited for. `error` says why.
+"""
 Global___ReplicaOutcome: _TypeAlias = ReplicaOutcome  # noqa: Y015
 
 @_typing.final
@@ -1446,10 +1456,17 @@ class ReplicaStatus(_message.Message):
     DIVERGED_FIELD_NUMBER: _builtins.int
     DIFFERENCES_FIELD_NUMBER: _builtins.int
     AGE_FIELD_NUMBER: _builtins.int
+    DOWN_FIELD_NUMBER: _builtins.int
+    DOWN_REASON_FIELD_NUMBER: _builtins.int
     stale: _builtins.bool
     """No report for three heartbeats (it may be dead)."""
     diverged: _builtins.bool
     """Its report differs from the desired state."""
+    down: _builtins.bool
+    """The replica answering found its process gone (while waiting for it to
+    apply a fleet write), and why. Cleared by a newer report.
+    """
+    down_reason: _builtins.str
     @_builtins.property
     def report(self) -> Global___ReplicaReport: ...
     @_builtins.property
@@ -1466,10 +1483,12 @@ class ReplicaStatus(_message.Message):
         diverged: _builtins.bool = ...,
         differences: _abc.Iterable[_builtins.str] | None = ...,
         age: _duration_pb2.Duration | None = ...,
+        down: _builtins.bool = ...,
+        down_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "differences", b"differences", "diverged", b"diverged", "report", b"report", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "differences", b"differences", "diverged", b"diverged", "down", b"down", "down_reason", b"down_reason", "report", b"report", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1650,6 +1669,7 @@ class ReplicaReport(_message.Message):
     HEARTBEAT_SECONDS_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     GROUP_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
     instance: _builtins.str
     grpc_address: _builtins.str
     version: _builtins.str
@@ -1668,6 +1688,8 @@ class ReplicaReport(_message.Message):
     """Seconds between reports: three without one mark it stale."""
     degraded: _builtins.bool
     group_id: _builtins.str
+    host: _builtins.str
+    """The reporting process's host name (a loopback grpc_address means it)."""
     @_builtins.property
     def assigned(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicPartition]: ...
     @_builtins.property
@@ -1695,10 +1717,11 @@ class ReplicaReport(_message.Message):
         heartbeat_seconds: _builtins.float = ...,
         degraded: _builtins.bool = ...,
         group_id: _builtins.str = ...,
+        host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "assigned", b"assigned", "degraded", b"degraded", "draining", b"draining", "failed_generation", b"failed_generation", "group_id", b"group_id", "grpc_address", b"grpc_address", "heartbeat_seconds", b"heartbeat_seconds", "in_flight", b"in_flight", "instance", b"instance", "lag", b"lag", "last_error", b"last_error", "mode", b"mode", "paused", b"paused", "paused_all", b"paused_all", "rollout_percent", b"rollout_percent", "time", b"time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "assigned", b"assigned", "degraded", b"degraded", "draining", b"draining", "failed_generation", b"failed_generation", "group_id", b"group_id", "grpc_address", b"grpc_address", "heartbeat_seconds", b"heartbeat_seconds", "host", b"host", "in_flight", b"in_flight", "instance", b"instance", "lag", b"lag", "last_error", b"last_error", "mode", b"mode", "paused", b"paused", "paused_all", b"paused_all", "rollout_percent", b"rollout_percent", "time", b"time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,158 @@
+"""The handler and probes ``bench/switch_latency.py`` runs inside ``pool-server``.
+
+A top-level module (``--handler _switch_probe:handle``, with ``bench/`` on the
+service's ``PYTHONPATH``), so that it also loads into the service code of
+another checkout (``--baseline-root``). Configured by the environment:
+
+- ``HANDLER_LATENCY_MS`` (default 1): the handler awaits that long.
+- ``SWITCH_PROBE_FILE``: where the probes append their lines (one
+  ``os.write`` each; ``time.monotonic_ns()`` is shared with the bench):
+
+  - ``W,start,events,depth,aggregates,took`` per mode change: events in the
+    old pool, its deepest executor and its aggregates when the rule changed;
+  - ``D,start,records,ns`` per call of the consumer's ``_dispatch_batch``;
+  - ``G,generation,start,ns`` per cyclic-GC collection of 0.5 ms or more;
+  - ``S,start,late,cpu,runnable`` per event-loop stall (``SWITCH_PROBE_LAG``,
+    default 1): a task sleeps 1 ms and reports each wake-up later than 2 ms,
+    with the loop thread's CPU time over it and the time it spent runnable but
+    not running (``/proc/thread-self/schedstat``: another process had the CPU);
+  - ``T,now,beat,stack`` (``SWITCH_PROBE_STACKS=1``): while the loop is
+    stalled, the loop thread's stack, sampled from a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pool import Message
+
+__all__ = ["handle"]
+
+#: A wake-up later than this is a stall of the service's event loop.
+STALL_NS = 2_000_000
+SLEEP_S = 0.001
+
+_latency = float(os.environ.get("HANDLER_LATENCY_MS", "1")) / 1000.0
+_path = os.environ.get("SWITCH_PROBE_FILE")
+_fd: int | None = None
+_started = False
+_beat = 0
+_gc_started = 0
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _write(line: str) -> None:
+    global _fd
+    if _path is None:
+        return
+    if _fd is None:
+        _fd = os.open(_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_fd, line.encode())
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    global _gc_started
+    now = time.monotonic_ns()
+    if phase == "start":
+        _gc_started = now
+    elif now - _gc_started >= 500_000:
+        _write(f"G,{info['generation']},{_gc_started},{now - _gc_started}\n")
+
+
+def _runnable_ns(fd: int) -> int:
+    """Time this thread spent runnable but not running (``schedstat`` field 2)."""
+    return int(os.pread(fd, 64, 0).split()[1])
+
+
+async def _lag_probe() -> None:
+    global _beat
+    # Opened on the loop's thread: the descriptor stays bound to that thread.
+    sched = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    while True:
+        before = _beat = time.monotonic_ns()
+        cpu = time.thread_time_ns()
+        queued = _runnable_ns(sched)
+        await asyncio.sleep(SLEEP_S)
+        late = time.monotonic_ns() - before
+        if late > STALL_NS:
+            cpu = time.thread_time_ns() - cpu
+            queued = _runnable_ns(sched) - queued
+            _write(f"S,{before},{late},{cpu},{queued}\n")
+
+
+def _stack_sampler(main: int) -> None:
+    while True:
+        time.sleep(0.001)
+        now = time.monotonic_ns()
+        if now - _beat < 2 * STALL_NS:
+            continue
+        frame = sys._current_frames().get(main)
+        if frame is None:
+            continue
+        stack = traceback.extract_stack(frame)[-14:]
+        folded = ";".join(f"{Path(f.filename).name}:{f.name}:{f.lineno}" for f in stack)
+        _write(f"T,{now},{_beat},{folded}\n")
+
+
+def _patch() -> None:
+    """Wrap ``PoolSwitch._change`` and ``EventConsumer._dispatch_batch`` (W and D lines)."""
+    from pool import PoolMode, _switch
+    from server import _consumer
+
+    change = _switch.PoolSwitch._change
+
+    async def recorded_change(self: Any, *args: Any, **kwargs: Any) -> Any:
+        old = self.pools[self.mode]
+        start = time.monotonic_ns()
+        events, deepest = old.in_flight, max(old.depths())
+        counts = self._keyed_counts if self.mode is PoolMode.KEYED else self._actor_counts
+        aggregates = len(counts)
+        result = await change(self, *args, **kwargs)
+        _write(f"W,{start},{events},{deepest},{aggregates},{time.monotonic_ns() - start}\n")
+        return result
+
+    _switch.PoolSwitch._change = recorded_change  # type: ignore[method-assign]
+
+    dispatch = _consumer.EventConsumer._dispatch_batch
+
+    def recorded_dispatch(self: Any, part: Any, records: Any, *args: Any) -> Any:
+        start = time.monotonic_ns()
+        out = dispatch(self, part, records, *args)
+        _write(f"D,{start},{len(records)},{time.monotonic_ns() - start}\n")
+        return out
+
+    _consumer.EventConsumer._dispatch_batch = recorded_dispatch  # type: ignore[method-assign]
+
+
+def _start() -> None:
+    global _started
+    _started = True
+    if _path is None:
+        return
+    gc.callbacks.append(_on_gc)
+    if os.environ.get("SWITCH_PROBE_LAG", "1") == "1":
+        task = asyncio.get_running_loop().create_task(_lag_probe())
+        _tasks.add(task)
+        if os.environ.get("SWITCH_PROBE_STACKS") == "1":
+            main = threading.get_ident()
+            threading.Thread(target=_stack_sampler, args=(main,), daemon=True).start()
+
+
+if _path is not None:
+    _patch()
+
+
+async def handle(message: Message) -> None:
+    """Await ``HANDLER_LATENCY_MS``; the first call starts the probes."""
+    if not _started:
+        _start()
+    if _latency:
+        await asyncio.sleep(_latency)
