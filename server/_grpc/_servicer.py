@@ -24,8 +24,8 @@ import asyncio
 import collections
 import heapq
 import math
-from collections.abc import AsyncIterator
-from typing import Any, Final, TypeAlias
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, TypeAlias, TypeVar
 
 import grpc
 from actorpool.control.v1 import control_pb2 as pb
@@ -35,6 +35,7 @@ from pool import PoolMode
 from server._control import ControlTarget, DrainIncompleteError, DrainProgress
 from server._control_metrics import ControlMetrics
 from server._dlq_subscription import DeadLetterSubscription
+from server._fleet import FleetControl
 from server._grpc import _fleet as fleet_rpc
 from server._grpc._convert import (
     dead_letter_to_pb,
@@ -77,6 +78,7 @@ MAX_STREAM_BUFFER: Final = 100_000
 MAX_AGGREGATE_ID: Final = 256
 
 _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_SwitchResponse = TypeVar("_SwitchResponse", pb.SetPoolModeResponse, pb.SetRolloutResponse)
 
 
 def _active_modes(mode: PoolMode, rollout: float) -> set[PoolMode]:
@@ -189,17 +191,14 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         mode = mode_from_pb(request.mode, "mode")
         wait = wait_timeout_from_pb(request)
         if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
-
-            async def change_fleet() -> pb.SetPoolModeResponse:
-                done, result = await fleet_rpc.write(
-                    fleet, "SetPoolMode", fleet_rpc.Change("mode", mode=mode), request, wait
-                )
-                local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
-                return pb.SetPoolModeResponse(
-                    result=switch_result_to_pb(local), fleet=result, replayed=done.replayed
-                )
-
-            return await self._replay.run("SetPoolMode", request.request_id, change_fleet)
+            return await self._switch_fleet(
+                fleet,
+                "SetPoolMode",
+                fleet_rpc.Change("mode", mode=mode),
+                request,
+                wait,
+                pb.SetPoolModeResponse,
+            )
 
         async def change() -> pb.SetPoolModeResponse:
             async with self._switch_lock:
@@ -207,6 +206,25 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             return pb.SetPoolModeResponse(result=switch_result_to_pb(outcome))
 
         return await self._replay.run("SetPoolMode", request.request_id, change)
+
+    async def _switch_fleet(
+        self,
+        fleet: FleetControl,
+        method: str,
+        change: fleet_rpc.Change,
+        request: pb.SetPoolModeRequest | pb.SetRolloutRequest,
+        wait: float,
+        response: Callable[..., _SwitchResponse],
+    ) -> _SwitchResponse:
+        """A fleet-scoped SetPoolMode/SetRollout: write the change, answer with
+        this replica's switch as it applied the generation and every replica's result."""
+
+        async def change_fleet() -> _SwitchResponse:
+            done, result = await fleet_rpc.write(fleet, method, change, request, wait)
+            local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
+            return response(result=switch_result_to_pb(local), fleet=result, replayed=done.replayed)
+
+        return await self._replay.run(method, request.request_id, change_fleet)
 
     async def SetRollout(
         self, request: pb.SetRolloutRequest, context: _Context
@@ -216,17 +234,14 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             raise InvalidArgumentError(f"rollout percent must be within 0..100, got {percent!r}")
         wait = wait_timeout_from_pb(request)
         if (fleet := fleet_rpc.fleet_for(self._target, request)) is not None:
-
-            async def change_fleet() -> pb.SetRolloutResponse:
-                done, result = await fleet_rpc.write(
-                    fleet, "SetRollout", fleet_rpc.Change("rollout", rollout=percent), request, wait
-                )
-                local = fleet_rpc.local_outcome(fleet, done.generation, self._target.switch)
-                return pb.SetRolloutResponse(
-                    result=switch_result_to_pb(local), fleet=result, replayed=done.replayed
-                )
-
-            return await self._replay.run("SetRollout", request.request_id, change_fleet)
+            return await self._switch_fleet(
+                fleet,
+                "SetRollout",
+                fleet_rpc.Change("rollout", rollout=percent),
+                request,
+                wait,
+                pb.SetRolloutResponse,
+            )
 
         async def change() -> pb.SetRolloutResponse:
             async with self._switch_lock:
