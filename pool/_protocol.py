@@ -94,7 +94,10 @@ class Pool(Protocol):
     def dispatch_nowait(self, message: Message) -> None:
         """Like ``submit_nowait`` but without a completion future: the outcome
         goes only to the finish listeners (the consumer's hot path). Never
-        blocks; raises as ``submit_nowait``."""
+        blocks; raises as ``submit_nowait``. On an idle executor the handler's
+        first step may run inside this call (and a handler that completes
+        there is finished, its listeners called, before it returns): register
+        what a listener needs before calling it."""
 
     async def dispatch(self, message: Message) -> None:
         """Like ``submit`` but without a completion future."""

@@ -107,6 +107,15 @@ class _Lane:
         if self.counted:
             self.counts[key] = self.counts.get(key, 0) + 1
 
+    def uncount(self, key: str) -> None:
+        """Take back :meth:`count` of an event the pool refused."""
+        counts = self.counts
+        left = counts.get(key, 0) - 1
+        if left > 0:
+            counts[key] = left
+        else:
+            counts.pop(key, None)
+
 
 class PoolSwitch:
     """Routes events to the keyed or the actor pool; see the module docstring.
@@ -275,10 +284,18 @@ class PoolSwitch:
         if lane is None:
             lane = self._lanes[self._target(key, self._mode, self._rollout_bp)]
         if key not in lane.other and not (self._holding and key in self._holding):
-            lane.dispatch(message)
-            if lane.counted:
-                counts = lane.counts
-                counts[key] = counts.get(key, 0) + 1
+            if not lane.counted:
+                lane.dispatch(message)
+                return
+            # Counted before the pool sees it: the event may finish inside
+            # ``dispatch`` (a handler's first step runs eagerly on an idle executor).
+            counts = lane.counts
+            counts[key] = counts.get(key, 0) + 1
+            try:
+                lane.dispatch(message)
+            except BaseException:
+                lane.uncount(key)
+                raise
             return
         self._route_one(message, False)  # held behind its earlier events
 
