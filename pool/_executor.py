@@ -483,11 +483,6 @@ class BasePool:
         ex.running = True
         ex.current = message
         loop: Any = self._loop
-        if ex.timed:
-            wd = ex.watchdog
-            wd.started = now = loop.time()
-            if wd.timer is None:
-                wd.timer = loop.call_at(now + wd.timeout, wd.check)
         metered = self._metered
         started = self._clock() if metered else 0.0
         tasks = _current_tasks
@@ -509,6 +504,15 @@ class BasePool:
             else:
                 tasks[loop] = caller
         if yielded is not _DONE:  # suspended: the executor's task goes on with it
+            if ex.timed:
+                # Stamped only now: a step that does not suspend cannot be timed
+                # out (nothing interrupts it). uvloop's ``time()`` is the loop
+                # turn's, the same as before the step; with asyncio's own loop a
+                # first step that blocks has its deadline from its first suspension.
+                wd = ex.watchdog
+                wd.started = now = loop.time()
+                if wd.timer is None:
+                    wd.timer = loop.call_at(now + wd.timeout, wd.check)
             ex.handoff = (coro, yielded, None, started)
             wakeup.set_result(None)
             return
