@@ -386,14 +386,25 @@ class BasePool:
         executors = self._executors
         return [ex.latency[:] for ex in executors], [ex.latency_sum for ex in executors]
 
-    def add_finish_listener(self, listener: FinishListener) -> None:
+    def add_finish_listener(self, listener: FinishListener, *, first: bool = False) -> None:
         """Call ``listener(message, dead_letter_or_none)`` synchronously as each event finishes.
 
         It runs before the event's completion resolves, on the event loop,
         and must not raise or block. It may run inside :meth:`dispatch_nowait`
-        (an event finished by its eager first step).
+        (an event finished by its eager first step). ``first``: before the
+        listeners added so far (the mode switch's bookkeeping goes first).
         """
-        self._listeners.append(listener)
+        # In place: the executor loops hold the list. (Listeners are added and
+        # removed synchronously, never while they are being called.)
+        if first:
+            self._listeners.insert(0, listener)
+        else:
+            self._listeners.append(listener)
+
+    def remove_finish_listener(self, listener: FinishListener) -> None:
+        """Stop calling ``listener`` (its first registration); nothing if not added."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -420,3 +420,43 @@ async def test_switch_hands_over_after_an_eagerly_started_event() -> None:
     assert result.waited_aggregates == 1
     assert log == [("actor", 0), ("actor done", 0), ("keyed", 1), ("keyed done", 1)]
     await switch.close()
+
+
+async def test_the_switch_listens_to_a_pool_only_while_it_counts_it() -> None:
+    """While a pool is the rule's only target its events are not counted and the
+    switch's finish listener is not called for them; once a change counts that
+    pool the listener is back, ahead of the listeners added after the switch."""
+    gate = asyncio.Event()
+    seen: list[tuple[int, int]] = []
+
+    async def handler(m: Message) -> None:
+        if m.offset == 0:
+            await gate.wait()
+
+    keyed = KeyedWorkerPool(handler, PoolOptions(size=2, retry=FAST_RETRY))
+    actor = ActorPool(handler, ActorPoolOptions(size=2, retry=FAST_RETRY))
+    switch = PoolSwitch(keyed, actor, mode=PoolMode.KEYED)
+
+    def user(m: Message, outcome: DeadLetter | None) -> None:
+        # The switch's bookkeeping ran first: the finished event is no longer counted.
+        seen.append((m.offset, switch._keyed_counts.get(m.aggregate_id, 0)))
+
+    switch.add_finish_listener(user)
+    assert keyed._listeners == [user]  # KEYED: the keyed pool is the only target
+    assert len(actor._listeners) == 2  # the actor pool is counted
+    switch.start()
+    await started_idle(keyed)
+    switch.dispatch_nowait(msg("a", 0))  # hangs in the keyed pool
+    change = asyncio.create_task(switch.set_mode(PoolMode.ACTOR, wait_timeout=5))
+    await assert_eventually(lambda: switch.mode is PoolMode.ACTOR)
+    assert keyed._listeners[1:] == [user]
+    assert len(keyed._listeners) == 2
+    assert switch._keyed_counts == {"a": 1}
+    switch.dispatch_nowait(msg("a", 1))  # held behind offset 0
+    gate.set()
+    result = await asyncio.wait_for(change, 5)
+    await switch.drain(5)
+    assert result.waited_aggregates == 1
+    assert seen == [(0, 0), (1, 0)]
+    assert actor._listeners == [user]  # ACTOR at 100 %: the actor pool is the only target
+    await switch.close()
