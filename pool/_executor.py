@@ -227,6 +227,9 @@ def _go_on(
                 return stop.value
         try:
             yield yielded
+        except GeneratorExit:  # closed (the task is being collected): close the handler too
+            coro.close()
+            raise
         except BaseException as exc:  # noqa: BLE001 - thrown in by the task: its cancellation
             thrown = exc
         else:

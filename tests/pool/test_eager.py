@@ -460,3 +460,27 @@ async def test_the_switch_listens_to_a_pool_only_while_it_counts_it() -> None:
     assert seen == [(0, 0), (1, 0)]
     assert actor._listeners == [user]  # ACTOR at 100 %: the actor pool is the only target
     await switch.close()
+
+
+async def test_closing_a_handed_over_attempt_closes_the_handler() -> None:
+    """An executor task collected while it waits in an eagerly started handler
+    (interpreter shutdown) closes the handler: its ``finally`` runs."""
+    from pool._executor import _go_on
+
+    closed: list[bool] = []
+    waited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def handler() -> None:
+        try:
+            await waited
+        finally:
+            closed.append(True)
+
+    coro = handler()
+    first = coro.send(None)  # the eager first step
+    assert first is waited
+    rest = _go_on(coro, first, None)
+    assert rest.send(None) is waited  # handed to the task
+    rest.close()
+    assert closed == [True]
+    waited.cancel()
