@@ -598,6 +598,9 @@ class Bench:
             # Whole process (and broker) over the run, idle time after it included.
             "cpu_us_per_event": round((cpu1[0] - cpu0[0]) * 1e6 / events, 2),
             "broker_cpu_us_per_event": round((cpu1[1] - cpu0[1]) * 1e6 / events, 2),
+            # The machine's 1-minute load average at the row's end: the other jobs'
+            # load moves the tail far more than any setting does.
+            "loadavg_1m": round(os.getloadavg()[0], 2),
         }
         if consumer == "plain":
             commits = [
@@ -933,7 +936,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append(
                         await bench.throughput(consumer, handler, rnd, "baseline", baseline)
                     )
-                if consumer != "plain" and handler == "noop":
+                if consumer != "plain":
                     for spec in args.service_set:
                         v = LatencyVariant.parse(spec)
                         rows.append(
@@ -952,7 +955,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if rows:
             report["throughput"] = rows
             report["summary"] = summarise(rows)
-        if not args.profile_only:
+        if not (args.profile_only or args.throughput_only):
             lat = await latency_rows(bench, args)
             # "latency": the service as shipped (KEYED, ACTOR); "latency_plain":
             # the plain loop beside it (the floor); "latency_variants": the rest.
@@ -1137,6 +1140,9 @@ def main() -> None:
         "--latency-only", action="store_true", help="only the latency rows (no throughput, switch)"
     )
     p.add_argument(
+        "--throughput-only", action="store_true", help="only the throughput rows (and --profile)"
+    )
+    p.add_argument(
         "--latency-rounds", type=int, default=1, help="latency rounds, rows interleaved" + d
     )
     p.add_argument(
@@ -1152,7 +1158,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="also run the KEYED and ACTOR no-op throughput rows with SPEC (fetch=MS, "
+        help="also run the KEYED and ACTOR throughput rows with SPEC (fetch=MS, "
         "KEY=VALUE service settings, comma-separated); repeatable",
     )
     p.add_argument(
