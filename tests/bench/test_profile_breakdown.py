@@ -27,15 +27,11 @@ def test_a_sleep_not_called_by_the_handler_is_not_the_handlers() -> None:
 
 
 def test_breakdown_shares_the_loop_threads_cpu_by_samples() -> None:
-    text = "\n".join(
-        [
-            "thread (0x1): MainThread;Runner.run (/usr/lib/python3.11/asyncio/runners.py:1);"
-            "BasePool._run (/x/pool/_executor.py:2);count (/x/bench/campaigns/_handler.py:3);"
-            "sleep (/usr/lib/python3.11/asyncio/tasks.py:4) 3",
-            "thread (0x1): MainThread;Runner.run (/usr/lib/python3.11/asyncio/runners.py:1);"
-            "BasePool._run (/x/pool/_executor.py:2) 1",
-        ]
-    )
+    loop = "thread (0x1): MainThread;Runner.run (/usr/lib/python3.11/asyncio/runners.py:1)"
+    run = "BasePool._run (/x/pool/_executor.py:2)"
+    count = "count (/x/bench/campaigns/_handler.py:3)"
+    sleep = "sleep (/usr/lib/python3.11/asyncio/tasks.py:4)"
+    text = f"{loop};{run};{count};{sleep} 3\n{loop};{run} 1\n"
     result = breakdown(text, cpu_us_per_event=8.0)
     stages = {s["stage"]: s["us_per_event"] for s in result["stages"]}
     assert result["samples"] == 4
