@@ -3,8 +3,10 @@
     .venv/bin/python bench/service_bench.py [--events 200000] [--aggregates 10000]
         [--partitions 8] [--rounds 1] [--rate 10000] [--duration 10]
         [--switches 100] [--json bench/results/service_bench.json] [--quick]
-        [--profile DIR [--profile-only] [--profile-blocking]] [--baseline-root DIR]
-        [--ablate-timeout]
+        [--profile DIR [--profile-only] [--profile-blocking] [--profile-handler noop|1ms]]
+        [--baseline-root DIR] [--ablate-timeout] [--service-set SPEC] [--sleep-floor]
+        [--latency-only | --throughput-only] [--latency-rounds N] [--latency-variant SPEC]
+        [--idle S]          (--help describes each)
 
 Everything runs as real processes on one embedded broker:
 
@@ -33,7 +35,12 @@ with its ratios to the plain loop of the same round.
 Latency: a steady ``--rate`` events/s for ``--duration`` s into a fresh topic
 (``bench.campaigns._harness.SteadyProducer``, stamped at send) while the
 service runs with the campaigns' recording handler; produce->handled is the
-handler's end minus the stamp, first second skipped. Switch: the same stream
+handler's end minus the stamp, first second skipped; the plain loop runs the
+same rows with the same handler (its commits from a task of its own, as the
+service's), the floor that the producer and the broker set. ``--latency-variant``
+adds rows with another fetch wait (both consumers), another linger of the load
+generator or other service settings; ``--idle S`` an idle service's cores per
+variant. Switch: the same stream
 with a 1 ms handler while ``--switches`` ``SetPoolMode`` calls toggle
 KEYED/ACTOR over gRPC; their round trips (and the server's own ``took``).
 Metrics: the series count and bytes of one ``/metrics`` scrape of the KEYED
