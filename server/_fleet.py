@@ -636,28 +636,37 @@ class FleetControl:
         if self._apply_pending or main is None or main.is_closed():
             return
         self._apply_pending = True
-        future = asyncio.run_coroutine_threadsafe(self._apply_and_report(), main)
+        seen = time.time()
+        future = asyncio.run_coroutine_threadsafe(self._apply_and_report(seen), main)
         future.add_done_callback(_log_failure)
 
-    async def _apply_and_report(self) -> None:
+    async def _apply_and_report(self, seen: float) -> None:
         """On the service's loop: apply the latest state, then report it."""
+        begun = time.time()
         self._apply_pending = False
-        await self._apply_latest(initial=False)
+        applied = await self._apply_latest(initial=False)
+        done = time.time()
         self._report_base = self.report_record()
+        timing = None
+        if applied is not None:
+            timing = _ApplyTiming(applied, seen, begun, done, time.time())
         with contextlib.suppress(NotReadyError):
-            self.io.submit(self._publish(self._report_base))
+            self.io.submit(self._publish(self._report_base, timing))
 
-    async def _apply_latest(self, *, initial: bool) -> None:
+    async def _apply_latest(self, *, initial: bool) -> int | None:
+        """Apply the latest desired state; the generation applied (``None``:
+        nothing new, or the apply failed)."""
         async with self._apply_lock:
             target = self.log.effective()
             if target.generation <= self.applied_generation or self.log.current is None:
-                return
+                return None
             try:
                 result = await self._apply(target, initial)
             except Exception as exc:
                 self.failed_generation = target.generation
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("fleet.apply_failed", generation=target.generation, error=repr(exc))
+                return None
             else:
                 recent = {g: o for g, o in self.outcomes.items() if g >= target.generation - 16}
                 self.outcomes = {**recent, target.generation: result}
@@ -671,6 +680,7 @@ class FleetControl:
                     paused="all" if target.paused.all else len(target.paused.partitions),
                     initial=initial,
                 )
+                return target.generation
 
     async def _refresh_loop(self) -> None:
         """On the service's loop: the snapshot heartbeats carry, every heartbeat."""
@@ -742,15 +752,33 @@ class FleetControl:
         self._report_base = self.report_record()
         await self.io.call(self._publish(self._report_base))
 
-    async def _publish(self, record: pb.ReplicaReport | None) -> None:
+    async def _publish(
+        self, record: pb.ReplicaReport | None, timing: _ApplyTiming | None = None
+    ) -> None:
         producer = self._producer
         if producer is None or record is None or self.degraded is not None:
             return
         try:
             value = record.SerializeToString()
+            sending = time.time()
             async with asyncio.timeout(self.options.write_timeout_s):
                 await producer.send_and_wait(
                     self.options.topic, value, key=self._report_key(), partition=0
+                )
+            if timing is not None:
+                acked = time.time()
+                log.info(
+                    "fleet.reported",
+                    generation=timing.generation,
+                    took_ms=_ms(acked - timing.seen),
+                    # The hop from this loop to the service's, the apply there,
+                    # the report's snapshot, the hop back, the producer's ack.
+                    to_service_loop_ms=_ms(timing.begun - timing.seen),
+                    apply_ms=_ms(timing.applied - timing.begun),
+                    snapshot_ms=_ms(timing.snapshot - timing.applied),
+                    to_io_loop_ms=_ms(sending - timing.snapshot),
+                    publish_ms=_ms(acked - sending),
+                    seen_at=round(timing.seen, 6),
                 )
         except asyncio.CancelledError:
             raise
@@ -827,6 +855,7 @@ class FleetControl:
         self._require()
 
         async def both() -> tuple[WriteResult, list[ReplicaOutcome], bool]:
+            begun = time.time()
             result = await self._write(
                 change,
                 request_id=request_id,
@@ -835,8 +864,22 @@ class FleetControl:
                 caller_peer=caller_peer,
                 every=tuple(every),
             )
+            written = time.time()
             outcomes, complete = await self._wait_applied(
                 result.generation, timeout=wait, started=started
+            )
+            log.info(
+                "fleet.waited",
+                generation=result.generation,
+                complete=complete,
+                # From the call to the I/O loop, the write read back, the wait.
+                to_io_loop_ms=_ms(begun - started) if started is not None else None,
+                write_ms=_ms(written - begun),
+                wait_ms=_ms(time.time() - written),
+                written_at=round(written, 6),
+                replicas={
+                    o.instance: None if o.took_s is None else _ms(o.took_s) for o in outcomes
+                },
             )
             return result, outcomes, complete
 
@@ -1063,6 +1106,22 @@ class FleetControl:
     def live_reports(self) -> dict[str, Report]:
         now = self._clock()
         return {k: r for k, r in self.reports.items() if not is_stale(r, now)}
+
+
+@dataclass(frozen=True, slots=True)
+class _ApplyTiming:
+    """When an apply's steps happened (wall clock): the record read, the
+    apply begun and done on the service's loop, the report's snapshot."""
+
+    generation: int
+    seen: float
+    begun: float
+    applied: float
+    snapshot: float
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
 
 
 def _consume_send(send: asyncio.Future[Any]) -> None:

@@ -4,9 +4,11 @@ with a kill -9 of a random replica every 20 switches."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from actorpool.control.v1 import control_pb2 as pb
@@ -43,6 +45,101 @@ HEARTBEAT_MS = 200
 TARGET_P99_MS = 250.0
 
 
+def _log_lines(svc: ServiceProcess, events: set[str]) -> list[dict[str, Any]]:
+    """The JSON log lines named in ``events`` of every process ``svc`` started."""
+    out = []
+    for n in range(1, svc.starts + 1):
+        path = Path(svc.workdir) / f"{svc.name}.{n}.err"
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if item.get("event") in events:
+                item["replica"] = svc.name
+                item["replica_pid"] = svc.pids[n - 1] if n <= len(svc.pids) else 0
+                out.append(item)
+    return out
+
+
+def _breakdown(replicas: list[ServiceProcess], switches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the time of each switch went, from the replicas' ``fleet.waited``
+    (the replica called) and ``fleet.reported`` (each replica that applied) log
+    lines, joined by generation. Per switch, per replica: ``read`` = the write
+    read back by the writer -> the record read by this replica's follower;
+    ``hop`` = the follower -> the apply started on the service's loop;
+    ``apply``; ``back`` = the snapshot and the hop back to the I/O loop;
+    ``publish`` = the report's send until acknowledged; ``seen`` = acknowledged
+    -> read by the replica called."""
+    lines = [x for svc in replicas for x in _log_lines(svc, {"fleet.waited", "fleet.reported"})]
+    waited = {x["generation"]: x for x in lines if x["event"] == "fleet.waited"}
+    reported: dict[int, list[dict[str, Any]]] = {}
+    for x in lines:
+        if x["event"] == "fleet.reported":
+            reported.setdefault(x["generation"], []).append(x)
+    rows = []
+    for sw in switches:
+        w = waited.get(sw["generation"])
+        if w is None:
+            continue
+        per = []
+        server_started = w["written_at"] - (w["write_ms"] + (w.get("to_io_loop_ms") or 0)) / 1000
+        for r in reported.get(sw["generation"], []):
+            acked = r["seen_at"] + r["took_ms"] / 1000
+            seen_by_caller = None
+            for instance, took in (w.get("replicas") or {}).items():
+                if took is not None and instance.endswith(f"-{r['replica_pid']}"):
+                    seen_by_caller = server_started + took / 1000
+            per.append(
+                {
+                    "replica": r["replica"],
+                    "read": round((r["seen_at"] - w["written_at"]) * 1000, 1),
+                    "hop": r["to_service_loop_ms"],
+                    "apply": r["apply_ms"],
+                    "back": round(r["snapshot_ms"] + r["to_io_loop_ms"], 1),
+                    "publish": r["publish_ms"],
+                    "seen": (
+                        None
+                        if seen_by_caller is None
+                        else round((seen_by_caller - acked) * 1000, 1)
+                    ),
+                }
+            )
+        rows.append(
+            {
+                **sw,
+                "to_io_loop": w.get("to_io_loop_ms"),
+                "write": w["write_ms"],
+                "wait": w["wait_ms"],
+                "replicas": per,
+            }
+        )
+    steps = ("read", "hop", "apply", "back", "publish", "seen")
+    per_replica = [r for row in rows for r in row["replicas"]]
+    summary: dict[str, Any] = {}
+    for step in steps:
+        values = [float(r[step]) for r in per_replica if r[step] is not None]
+        summary[step] = {
+            "p50": round(percentile(values, 0.5), 1),
+            "p99": round(percentile(values, 0.99), 1),
+            "max": round(max(values, default=0), 1),
+        }
+    for step in ("to_io_loop", "write", "wait"):
+        values = [float(row[step]) for row in rows if row[step] is not None]
+        summary[step] = {
+            "p50": round(percentile(values, 0.5), 1),
+            "p99": round(percentile(values, 0.99), 1),
+            "max": round(max(values, default=0), 1),
+        }
+    return {"ms": summary, "slow": [row for row in rows if row["ms"] > TARGET_P99_MS]}
+
+
 async def _all_assigned(replicas: list[ServiceProcess]) -> bool:
     return all([await svc.assigned() for svc in replicas])
 
@@ -65,7 +162,8 @@ async def run(quick: bool) -> dict[str, Any]:
                 name=f"replica{i}",
                 mode="keyed",
                 latency_ms=1.0,
-                settings={"control.heartbeatMs": HEARTBEAT_MS},
+                # info: the fleet.waited / fleet.reported lines of the breakdown.
+                settings={"control.heartbeatMs": HEARTBEAT_MS, "log.level": "info"},
             )
             svc.record = record
             replicas.append(svc)
@@ -81,6 +179,7 @@ async def run(quick: bool) -> dict[str, Any]:
         other_ms: list[float] = []
         first_after_kill_ms: list[float] = []
         slow: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = []
         incomplete = 0
         applied_by: list[int] = []
         kills: list[str] = []
@@ -137,6 +236,16 @@ async def run(quick: bool) -> dict[str, Any]:
                 # The first switch after a kill meets the dead replica's report (live
                 # for three heartbeats): it probes the replica and answers it DOWN.
                 (first_after_kill_ms if n and n % kill_every == 0 else other_ms).append(ms)
+                calls.append(
+                    {
+                        "switch": n,
+                        "generation": fleet.generation,
+                        "ms": round(ms, 1),
+                        "server_ms": round(server_ms[-1], 1),
+                        "s_since_kill": round(since_kill, 2),
+                        "through": through.name,
+                    }
+                )
                 if ms > TARGET_P99_MS:
                     slow.append(
                         {
@@ -161,6 +270,7 @@ async def run(quick: bool) -> dict[str, Any]:
         keys = {(r.partition, r.offset) for r in truth}
         caught_up = await env.wait_handled(record, keys, timeout=120)
         codes = [await svc.stop() for svc in replicas]
+        breakdown = _breakdown(replicas, calls)
         records = read_records(record)
         acc = account(truth, records)
         ends = ends_of(truth, partitions)
@@ -210,6 +320,7 @@ async def run(quick: bool) -> dict[str, Any]:
                 "server_p99": round(percentile(server_ms, 0.99), 1),
                 "slow": slow[:20],
             },
+            "breakdown": {**breakdown, "slow": breakdown["slow"][:20]},
             "switches": kinds,
             "incomplete": incomplete,
             "answered_down": answered_down,
