@@ -4,6 +4,7 @@ with a kill -9 of a random replica every 20 switches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
@@ -27,6 +28,7 @@ from bench.campaigns._harness import (
     result,
     wait_for,
 )
+from clients import AsyncPoolControlClient
 
 NAME = "fleet_storm"
 DESCRIPTION = (
@@ -130,7 +132,9 @@ def _breakdown(replicas: list[ServiceProcess], switches: list[dict[str, Any]]) -
             "p99": round(percentile(values, 0.99), 1),
             "max": round(max(values, default=0), 1),
         }
-    for step in ("to_io_loop", "write", "wait"):
+    for row in rows:
+        row["outside"] = round(row["ms"] - row["server_ms"], 1)
+    for step in ("outside", "to_io_loop", "write", "wait"):
         values = [float(row[step]) for row in rows if row[step] is not None]
         summary[step] = {
             "p50": round(percentile(values, 0.5), 1),
@@ -138,6 +142,39 @@ def _breakdown(replicas: list[ServiceProcess], switches: list[dict[str, Any]]) -
             "max": round(max(values, default=0), 1),
         }
     return {"ms": summary, "slow": [row for row in rows if row["ms"] > TARGET_P99_MS]}
+
+
+async def _loop_lag(lags: list[float], stop: asyncio.Event, every: float = 0.005) -> None:
+    """How late this process's event loop wakes a sleeper (ms), every ``every``."""
+    while not stop.is_set():
+        before = time.monotonic()
+        await asyncio.sleep(every)
+        lags.append((time.monotonic() - before - every) * 1000)
+
+
+class _Channels:
+    """One control channel per replica process, connected before its first
+    switch (a call's latency is then the switch's, not a connect's)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[int, AsyncPoolControlClient]] = {}
+
+    async def get(self, svc: ServiceProcess) -> AsyncPoolControlClient:
+        kept = self._open.get(svc.name)
+        if kept is not None and kept[0] == svc.starts:
+            return kept[1]
+        if kept is not None:
+            await kept[1].close()
+        client = svc.client(timeout=30)
+        await client.status()
+        self._open[svc.name] = (svc.starts, client)
+        return client
+
+    async def close(self) -> None:
+        for _, client in self._open.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._open.clear()
 
 
 async def _all_assigned(replicas: list[ServiceProcess]) -> bool:
@@ -173,6 +210,9 @@ async def run(quick: bool) -> dict[str, Any]:
         )
         stop = asyncio.Event()
         produce = asyncio.ensure_future(producer.run(rate, seconds=600, stop=stop))
+        channels = _Channels()
+        lags: list[float] = []
+        lag_probe = asyncio.ensure_future(_loop_lag(lags, stop))
         took_ms: list[float] = []
         server_ms: list[float] = []
         answered_down = 0
@@ -216,15 +256,16 @@ async def run(quick: bool) -> dict[str, Any]:
                 through = rng.choice(up)
                 call_started = time.monotonic()
                 try:
-                    async with through.client(timeout=30) as client:
-                        if rng.random() < 0.5:
-                            mode = "actor" if mode == "keyed" else "keyed"
-                            fleet = (await client.set_mode(mode, wait_timeout=10)).fleet
-                            kinds["mode"] += 1
-                        else:
-                            rollout = rng.choice(ROLLOUTS)
-                            fleet = (await client.set_rollout(rollout, wait_timeout=10)).fleet
-                            kinds["rollout"] += 1
+                    client = await channels.get(through)
+                    call_started = time.monotonic()
+                    if rng.random() < 0.5:
+                        mode = "actor" if mode == "keyed" else "keyed"
+                        fleet = (await client.set_mode(mode, wait_timeout=10)).fleet
+                        kinds["mode"] += 1
+                    else:
+                        rollout = rng.choice(ROLLOUTS)
+                        fleet = (await client.set_rollout(rollout, wait_timeout=10)).fleet
+                        kinds["rollout"] += 1
                 except Exception as exc:
                     errors.append(f"switch {n} through {through.name}: {exc!r}")
                     continue
@@ -266,6 +307,8 @@ async def run(quick: bool) -> dict[str, Any]:
         finally:
             stop.set()
             stats = await produce
+            await channels.close()
+            await lag_probe
         truth = await read_topic(env.bootstrap, topic)
         keys = {(r.partition, r.offset) for r in truth}
         caught_up = await env.wait_handled(record, keys, timeout=120)
@@ -321,6 +364,11 @@ async def run(quick: bool) -> dict[str, Any]:
                 "slow": slow[:20],
             },
             "breakdown": {**breakdown, "slow": breakdown["slow"][:20]},
+            "campaign_loop_lag_ms": {
+                "p50": round(percentile(lags, 0.5), 1),
+                "p99": round(percentile(lags, 0.99), 1),
+                "max": round(max(lags, default=0), 1),
+            },
             "switches": kinds,
             "incomplete": incomplete,
             "answered_down": answered_down,
