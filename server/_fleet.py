@@ -182,6 +182,11 @@ class _Fold:
 #: ``apply(state, initial)``: make this replica follow ``state``; returns what
 #: the pool switch said (or ``None``). ``initial``: before the first fetch.
 ApplyFn = Callable[[DesiredState, bool], Awaitable[object]]
+#: ``apply_now(state)``: the same, after the start, without awaiting anything
+#: (a plain callback of the service's loop); :data:`APPLY_LATER` when it cannot
+#: now (an awaited change is in progress): then ``apply`` is awaited instead.
+ApplyNowFn = Callable[[DesiredState], object]
+APPLY_LATER: Final = object()
 
 
 class IoLoop:
@@ -252,6 +257,7 @@ class FleetControl:
         defaults: DesiredState,
         apply: ApplyFn,
         snapshot: Callable[[], LocalSnapshot],
+        apply_now: ApplyNowFn | None = None,
         partitions: Callable[[], Mapping[str, set[int] | None]] | None = None,
         announce: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -260,6 +266,7 @@ class FleetControl:
         self._defaults = defaults
         self._fold = _Fold(FleetLog(defaults))
         self._apply = apply
+        self._apply_now = apply_now
         self._snapshot = snapshot
         self._partitions = partitions
         self._announce = announce
@@ -636,15 +643,55 @@ class FleetControl:
         if self._apply_pending or main is None or main.is_closed():
             return
         self._apply_pending = True
-        seen = time.time()
-        future = asyncio.run_coroutine_threadsafe(self._apply_and_report(seen), main)
-        future.add_done_callback(_log_failure)
+        try:
+            main.call_soon_threadsafe(self._apply_soon, time.time())
+        except RuntimeError:  # the service's loop closed meanwhile
+            self._apply_pending = False
+
+    def _apply_soon(self, seen: float) -> None:
+        """On the service's loop, a plain callback (its next turn after the
+        follower read the state): apply the latest state there and then, and
+        hand the report to the I/O loop. Only while an apply or an awaited
+        switch change is in progress does it wait for them, in a task."""
+        if self._stopped:
+            return
+        if self._apply_now is None or self._apply_lock.locked():
+            self._spawn_apply(seen)
+            return
+        begun = time.time()
+        target = self._target_state()
+        applied = None
+        if target is not None:
+            try:
+                result = self._apply_now(target)
+            except Exception as exc:
+                self._apply_failed(target, exc)
+                log.exception("fleet.apply_failed", generation=target.generation, error=repr(exc))
+            else:
+                if result is APPLY_LATER:
+                    self._spawn_apply(seen)
+                    return
+                applied = self._apply_done(target, result, initial=False)
+        self._apply_pending = False
+        self._report_applied(applied, seen, begun)
+
+    def _spawn_apply(self, seen: float) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._apply_and_report(seen), name="fleet.apply"
+        )
+        self._main_tasks.add(task)
+        task.add_done_callback(self._main_tasks.discard)
+        task.add_done_callback(_log_failure)
 
     async def _apply_and_report(self, seen: float) -> None:
         """On the service's loop: apply the latest state, then report it."""
         begun = time.time()
         self._apply_pending = False
         applied = await self._apply_latest(initial=False)
+        self._report_applied(applied, seen, begun)
+
+    def _report_applied(self, applied: int | None, seen: float, begun: float) -> None:
+        """On the service's loop: the report after an apply, published from the I/O loop."""
         done = time.time()
         self._report_base = self.report_record()
         timing = None
@@ -653,34 +700,46 @@ class FleetControl:
         with contextlib.suppress(NotReadyError):
             self.io.submit(self._publish(self._report_base, timing))
 
+    def _target_state(self) -> DesiredState | None:
+        """The desired state to apply (``None``: nothing newer than what is applied)."""
+        target = self.log.effective()
+        if target.generation <= self.applied_generation or self.log.current is None:
+            return None
+        return target
+
     async def _apply_latest(self, *, initial: bool) -> int | None:
         """Apply the latest desired state; the generation applied (``None``:
         nothing new, or the apply failed)."""
         async with self._apply_lock:
-            target = self.log.effective()
-            if target.generation <= self.applied_generation or self.log.current is None:
+            target = self._target_state()
+            if target is None:
                 return None
             try:
                 result = await self._apply(target, initial)
             except Exception as exc:
-                self.failed_generation = target.generation
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._apply_failed(target, exc)
                 log.exception("fleet.apply_failed", generation=target.generation, error=repr(exc))
                 return None
-            else:
-                recent = {g: o for g, o in self.outcomes.items() if g >= target.generation - 16}
-                self.outcomes = {**recent, target.generation: result}
-                self.applied_generation = target.generation
-                self.last_error = ""
-                log.info(
-                    "fleet.applied",
-                    generation=target.generation,
-                    mode=target.mode.value,
-                    rollout=target.rollout,
-                    paused="all" if target.paused.all else len(target.paused.partitions),
-                    initial=initial,
-                )
-                return target.generation
+            return self._apply_done(target, result, initial=initial)
+
+    def _apply_failed(self, target: DesiredState, exc: Exception) -> None:
+        self.failed_generation = target.generation
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _apply_done(self, target: DesiredState, result: object, *, initial: bool) -> int:
+        recent = {g: o for g, o in self.outcomes.items() if g >= target.generation - 16}
+        self.outcomes = {**recent, target.generation: result}
+        self.applied_generation = target.generation
+        self.last_error = ""
+        log.info(
+            "fleet.applied",
+            generation=target.generation,
+            mode=target.mode.value,
+            rollout=target.rollout,
+            paused="all" if target.paused.all else len(target.paused.partitions),
+            initial=initial,
+        )
+        return target.generation
 
     async def _refresh_loop(self) -> None:
         """On the service's loop: the snapshot heartbeats carry, every heartbeat."""
@@ -1129,7 +1188,7 @@ def _consume_send(send: asyncio.Future[Any]) -> None:
         log.warning("fleet.send_failed", error=repr(send.exception()))
 
 
-def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+def _log_failure(future: concurrent.futures.Future[Any] | asyncio.Future[Any]) -> None:
     if future.cancelled():
         return
     exc = future.exception()
