@@ -655,6 +655,8 @@ class FleetControl:
         switch change is in progress does it wait for them, in a task."""
         if self._stopped:
             return
+        # Before reading the state: a record folded from now on asks again.
+        self._apply_pending = False
         if self._apply_now is None or self._apply_lock.locked():
             self._spawn_apply(seen)
             return
@@ -672,8 +674,10 @@ class FleetControl:
                     self._spawn_apply(seen)
                     return
                 applied = self._apply_done(target, result, initial=False)
-        self._apply_pending = False
-        self._report_applied(applied, seen, begun)
+        try:
+            self._report_applied(applied, seen, begun)
+        except Exception as exc:  # the next heartbeat's snapshot tries again
+            log.exception("fleet.apply_task_failed", error=repr(exc))
 
     def _spawn_apply(self, seen: float) -> None:
         task = asyncio.get_running_loop().create_task(

@@ -363,3 +363,23 @@ async def test_a_fleet_state_waits_for_a_replica_change_that_holds_the_switch(
         # The fleet's state (generation 0's mode, the new rollout) overrode the replica's.
         assert (mode_of(svc), svc.switch.rollout_percent) == (PoolMode.KEYED, 40.0)
         assert fleet.applied_generation == 1
+
+
+async def test_a_burst_of_fleet_writes_ends_with_the_last_one_applied(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    """States read while an apply runs are applied after it: however the
+    follower's reads and the applies on the service's loop interleave, the
+    replica ends on the latest generation (none is left unapplied)."""
+    topic = await make_topic(partitions=2)
+    async with replica(broker, topic, f"{topic}-g") as (svc, client, _):
+        fleet = svc.fleet
+        assert fleet is not None
+        percents = [float(p % 101) for p in range(1, 41)]
+        replies = await asyncio.gather(*(client.set_rollout(p, wait_timeout=0) for p in percents))
+        last = max(r.fleet.generation for r in replies)
+        assert last == 40
+        await assert_eventually(
+            lambda: fleet.applied_generation == last, message="the last generation applied"
+        )
+        assert svc.switch.rollout_percent == fleet.desired.rollout
