@@ -23,8 +23,10 @@ state, or publish a report, only hundreds of milliseconds late (or miss
 heartbeats until its live replica looked stale). What touches the service
 stays on the service's loop: applying a state (the pool switch, the
 consumer's pauses) and the snapshot a report is made of; the I/O loop asks
-for an apply with one hop (``run_coroutine_threadsafe``) and publishes the
-report the apply hands back. A heartbeat carries the latest snapshot (taken
+for an apply with one plain callback (``call_soon_threadsafe``: the switch's
+synchronous change, in the service loop's next turn; a task only while an
+awaited switch change holds the switch) and publishes the report the apply
+hands back. A heartbeat carries the latest snapshot (taken
 on the service's loop every heartbeat and at each apply) with the time it is
 sent. Values the other loop reads are replaced, never mutated in place.
 
