@@ -437,7 +437,7 @@ async def run(quick: bool) -> dict[str, Any]:
                 (
                     "The p99 depends on the machine's load more than on anything else: "
                     "on the shared 2-CPU machine it met the target in every run with "
-                    "little other load, and in 3 of 9 runs with other work on both CPUs "
+                    "little other load, and in 3 of 11 runs with other work on both CPUs "
                     "(docs/fleet.md, Figures: each step's share of the slow switches)."
                 ),
                 (
