@@ -15,7 +15,13 @@ Attribution, per stack:
    ``json`` called by the intake is *intake decode*, the executor loop's own
    lines are *executor*. aiokafka's frames are not in the rules: its work is
    charged to the consumer frame that called it (``_fetch_loop`` -> *fetch*,
-   ``_commit`` -> *commits*).
+   ``_commit`` -> *commits*). The benches' handler (``bench/campaigns/_handler.py``)
+   is *handler*, except its ``asyncio.sleep`` (the simulated I/O: the future
+   and the timer it creates) and that timer's callback
+   (``futures._set_result_unless_cancelled``, from uvloop between callbacks),
+   which are *handler's asyncio.sleep*. The task's wake-up after the timer is
+   uvloop's and the C ``Task``'s (*event loop*, unseen by py-spy without
+   ``--native``), and then the handler's and the executor's own lines.
 2. A stack without such a frame (aiokafka's own tasks, the event loop's
    callbacks) is *commits* when it runs through the group coordinator
    (commits, heartbeats), *fetch and record parsing* when it runs through
@@ -86,6 +92,7 @@ STAGES = (
     "executor",
     "handler timeout",
     "handler",
+    "handler's asyncio.sleep",
     "finish and offset tracking",
     "metrics",
     "commits",
@@ -116,9 +123,32 @@ def parse(text: str) -> list[tuple[list[tuple[str, str]], int]]:
 _LOOP_FILES = ("<frozen runpy>", "server/__main__.py", "uvloop/", "asyncio/")
 
 
+#: The benches' handler (``bench.campaigns._handler``).
+_HANDLER_FILE = "bench/campaigns/_handler.py"
+
+
+def _is_handler_sleep(frames: list[tuple[str, str]], i: int) -> bool:
+    """Frame ``i`` is ``asyncio.sleep`` called by the handler, or the callback
+    of a sleep's timer (``futures._set_result_unless_cancelled``: only
+    ``asyncio.sleep`` schedules it; with the 1 ms handler nearly all of them
+    are the handler's)."""
+    func, file = frames[i]
+    if file.endswith("asyncio/futures.py") and func == "_set_result_unless_cancelled":
+        return True
+    return (
+        file.endswith("asyncio/tasks.py")
+        and func == "sleep"
+        and i > 0
+        and _HANDLER_FILE in frames[i - 1][1]
+    )
+
+
 def stage_of(frames: list[tuple[str, str]]) -> str:
     """The stage of one stack (root first); see the module docstring."""
-    for func, file in reversed(frames):
+    for i in range(len(frames) - 1, -1, -1):
+        if _is_handler_sleep(frames, i):
+            return "handler's asyncio.sleep"
+        func, file = frames[i]
         name = func.rpartition(".")[2]  # py-spy qualifies: "EventConsumer._finish"
         for stage, where, funcs in RULES:
             if where in file and (funcs is None or name in funcs):

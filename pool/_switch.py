@@ -478,6 +478,96 @@ class PoolSwitch:
         """Set the share (0-100 %) of aggregates the actor pool takes in ACTOR mode."""
         return await self._change(None, _to_basis_points(percent), wait_timeout)
 
+    def change_nowait(
+        self, mode: PoolMode | None = None, rollout_percent: float | None = None
+    ) -> list[SwitchResult] | None:
+        """Change the mode and the rollout now, as :meth:`set_mode` and
+        :meth:`set_rollout` with ``wait_timeout=0`` would (rollout first when
+        the mode is to be ACTOR, mode first otherwise, so no rule between the
+        old and the new one is in force), without awaiting anything: the new
+        rule is in force when it returns (the aggregates that must wait for
+        their earlier events are held, as after any change). One result per
+        step, in order. ``None`` (nothing done) while an awaited change holds
+        the switch: use the coroutines then.
+
+        Synchronous: callable from a plain callback of the switch's event loop
+        (never from another thread).
+        """
+        if self._lock.locked():
+            return None
+        bp = None if rollout_percent is None else _to_basis_points(rollout_percent)
+        mode = None if mode is None else PoolMode(mode)
+        rollout_step = [] if bp is None else [(None, bp)]
+        mode_step = [] if mode is None else [(mode, None)]
+        steps = rollout_step + mode_step if mode is _ACTOR else mode_step + rollout_step
+        return [self._change_now(m, b) for m, b in steps]
+
+    def _change_now(self, mode: PoolMode | None, rollout_bp: int | None) -> SwitchResult:
+        started = self._clock()
+        prev_mode, prev_bp = self._mode, self._rollout_bp
+        waiting = self._install(mode, rollout_bp)
+        return self._changed(prev_mode, prev_bp, started, len(waiting), waiting)
+
+    def _install(self, mode: PoolMode | None, rollout_bp: int | None) -> set[str]:
+        """Put the new rule in force (synchronously); the aggregates whose
+        earlier events are in a pool other than their new target."""
+        prev_mode, prev_bp = self._mode, self._rollout_bp
+        new_mode = prev_mode if mode is None else mode
+        new_bp = prev_bp if rollout_bp is None else rollout_bp
+        if (new_mode, new_bp) == (prev_mode, prev_bp):
+            return set()
+        self._mode, self._rollout_bp = new_mode, new_bp
+        self.generation += 1
+        self.since = self._wall_clock()
+        self._update_uniform()
+        self._recount()
+        target = self._target
+        waiting = {key for key, held in self._holding.items() if held.events}
+        waiting.update(
+            key for key in self._keyed_counts if target(key, new_mode, new_bp) is not _KEYED
+        )
+        waiting.update(
+            key for key in self._actor_counts if target(key, new_mode, new_bp) is not _ACTOR
+        )
+        return waiting
+
+    def _changed(
+        self,
+        prev_mode: PoolMode,
+        prev_bp: int,
+        started: float,
+        waited: int,
+        waiting: set[str],
+    ) -> SwitchResult:
+        """The result of a change (logged and told to the listeners if the rule changed)."""
+        changed = (self._mode, self._rollout_bp) != (prev_mode, prev_bp)
+        result = SwitchResult(
+            previous_mode=prev_mode,
+            mode=self._mode,
+            previous_rollout=prev_bp / 100,
+            rollout=self._rollout_bp / 100,
+            generation=self.generation,
+            took_s=self._clock() - started,
+            waited_aggregates=waited,
+            pending_aggregates=len(waiting),
+            changed=changed,
+        )
+        if changed:
+            log.info(
+                "pool.switched",
+                from_mode=prev_mode.value,
+                to_mode=result.mode.value,
+                from_rollout=result.previous_rollout,
+                to_rollout=result.rollout,
+                generation=result.generation,
+                took_ms=round(result.took_s * 1000, 3),
+                waited_aggregates=waited,
+                pending_aggregates=result.pending_aggregates,
+            )
+            for listener in self._change_listeners:
+                listener(result)
+        return result
+
     async def _change(
         self, mode: PoolMode | None, rollout_bp: int | None, wait_timeout: float | None
     ) -> SwitchResult:
@@ -491,24 +581,7 @@ class PoolSwitch:
         async with self._lock:
             started = self._clock()
             prev_mode, prev_bp = self._mode, self._rollout_bp
-            new_mode = prev_mode if mode is None else mode
-            new_bp = prev_bp if rollout_bp is None else rollout_bp
-            changed = (new_mode, new_bp) != (prev_mode, prev_bp)
-            waiting: set[str] = set()
-            if changed:
-                self._mode, self._rollout_bp = new_mode, new_bp
-                self.generation += 1
-                self.since = self._wall_clock()
-                self._update_uniform()
-                self._recount()
-                target = self._target
-                waiting = {key for key, held in self._holding.items() if held.events}
-                waiting.update(
-                    key for key in self._keyed_counts if target(key, new_mode, new_bp) is not _KEYED
-                )
-                waiting.update(
-                    key for key in self._actor_counts if target(key, new_mode, new_bp) is not _ACTOR
-                )
+            waiting = self._install(mode, rollout_bp)
             waited = len(waiting)
             if waiting and wait_timeout != 0:
                 self._handover = waiting
@@ -521,32 +594,7 @@ class PoolSwitch:
                 finally:
                     self._handover = None
                     self._handover_done = None
-            result = SwitchResult(
-                previous_mode=prev_mode,
-                mode=new_mode,
-                previous_rollout=prev_bp / 100,
-                rollout=new_bp / 100,
-                generation=self.generation,
-                took_s=self._clock() - started,
-                waited_aggregates=waited,
-                pending_aggregates=len(waiting),
-                changed=changed,
-            )
-            if changed:
-                log.info(
-                    "pool.switched",
-                    from_mode=prev_mode.value,
-                    to_mode=new_mode.value,
-                    from_rollout=result.previous_rollout,
-                    to_rollout=result.rollout,
-                    generation=result.generation,
-                    took_ms=round(result.took_s * 1000, 3),
-                    waited_aggregates=waited,
-                    pending_aggregates=result.pending_aggregates,
-                )
-                for listener in self._change_listeners:
-                    listener(result)
-            return result
+            return self._changed(prev_mode, prev_bp, started, waited, waiting)
 
     # -------------------------------------------------------- lifecycle
     def start(self) -> None:

@@ -133,8 +133,9 @@ class ConsumerSettings(_Section):
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     max_poll_records: int = Field(default=500, ge=1)
     #: How long the broker may hold a fetch when there is no data. Kafka answers
-    #: as soon as data arrives; the embedded broker holds every fetch this long,
-    #: so there it bounds produce-to-handle latency.
+    #: as soon as data arrives; the embedded broker holds every fetch about half
+    #: this long, so there it adds up to that to produce-to-handle latency
+    #: (10 and 5 ms were measured: docs/performance.md).
     fetch_max_wait_ms: int = Field(default=20, ge=0, le=60_000)
     session_timeout_ms: int = Field(default=10_000, ge=500)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)

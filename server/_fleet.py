@@ -23,8 +23,10 @@ state, or publish a report, only hundreds of milliseconds late (or miss
 heartbeats until its live replica looked stale). What touches the service
 stays on the service's loop: applying a state (the pool switch, the
 consumer's pauses) and the snapshot a report is made of; the I/O loop asks
-for an apply with one hop (``run_coroutine_threadsafe``) and publishes the
-report the apply hands back. A heartbeat carries the latest snapshot (taken
+for an apply with one plain callback (``call_soon_threadsafe``: the switch's
+synchronous change, in the service loop's next turn; a task only while an
+awaited switch change holds the switch) and publishes the report the apply
+hands back. A heartbeat carries the latest snapshot (taken
 on the service's loop every heartbeat and at each apply) with the time it is
 sent. Values the other loop reads are replaced, never mutated in place.
 
@@ -182,6 +184,11 @@ class _Fold:
 #: ``apply(state, initial)``: make this replica follow ``state``; returns what
 #: the pool switch said (or ``None``). ``initial``: before the first fetch.
 ApplyFn = Callable[[DesiredState, bool], Awaitable[object]]
+#: ``apply_now(state)``: the same, after the start, without awaiting anything
+#: (a plain callback of the service's loop); :data:`APPLY_LATER` when it cannot
+#: now (an awaited change is in progress): then ``apply`` is awaited instead.
+ApplyNowFn = Callable[[DesiredState], object]
+APPLY_LATER: Final = object()
 
 
 class IoLoop:
@@ -252,6 +259,7 @@ class FleetControl:
         defaults: DesiredState,
         apply: ApplyFn,
         snapshot: Callable[[], LocalSnapshot],
+        apply_now: ApplyNowFn | None = None,
         partitions: Callable[[], Mapping[str, set[int] | None]] | None = None,
         announce: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -260,6 +268,7 @@ class FleetControl:
         self._defaults = defaults
         self._fold = _Fold(FleetLog(defaults))
         self._apply = apply
+        self._apply_now = apply_now
         self._snapshot = snapshot
         self._partitions = partitions
         self._announce = announce
@@ -636,41 +645,107 @@ class FleetControl:
         if self._apply_pending or main is None or main.is_closed():
             return
         self._apply_pending = True
-        future = asyncio.run_coroutine_threadsafe(self._apply_and_report(), main)
-        future.add_done_callback(_log_failure)
+        try:
+            main.call_soon_threadsafe(self._apply_soon, time.time())
+        except RuntimeError:  # the service's loop closed meanwhile
+            self._apply_pending = False
 
-    async def _apply_and_report(self) -> None:
-        """On the service's loop: apply the latest state, then report it."""
+    def _apply_soon(self, seen: float) -> None:
+        """On the service's loop, a plain callback (its next turn after the
+        follower read the state): apply the latest state there and then, and
+        hand the report to the I/O loop. Only while an apply or an awaited
+        switch change is in progress does it wait for them, in a task."""
+        if self._stopped:
+            return
+        # Before reading the state: a record folded from now on asks again.
         self._apply_pending = False
-        await self._apply_latest(initial=False)
-        self._report_base = self.report_record()
-        with contextlib.suppress(NotReadyError):
-            self.io.submit(self._publish(self._report_base))
+        if self._apply_now is None or self._apply_lock.locked():
+            self._spawn_apply(seen)
+            return
+        begun = time.time()
+        target = self._target_state()
+        applied = None
+        if target is not None:
+            try:
+                result = self._apply_now(target)
+            except Exception as exc:
+                self._apply_failed(target, exc)
+                log.exception("fleet.apply_failed", generation=target.generation, error=repr(exc))
+            else:
+                if result is APPLY_LATER:
+                    self._spawn_apply(seen)
+                    return
+                applied = self._apply_done(target, result, initial=False)
+        try:
+            self._report_applied(applied, seen, begun)
+        except Exception as exc:  # the next heartbeat's snapshot tries again
+            log.exception("fleet.apply_task_failed", error=repr(exc))
 
-    async def _apply_latest(self, *, initial: bool) -> None:
+    def _spawn_apply(self, seen: float) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._apply_and_report(seen), name="fleet.apply"
+        )
+        self._main_tasks.add(task)
+        task.add_done_callback(self._main_tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    async def _apply_and_report(self, seen: float) -> None:
+        """On the service's loop: apply the latest state, then report it."""
+        begun = time.time()
+        self._apply_pending = False
+        applied = await self._apply_latest(initial=False)
+        self._report_applied(applied, seen, begun)
+
+    def _report_applied(self, applied: int | None, seen: float, begun: float) -> None:
+        """On the service's loop: the report after an apply, published from the I/O loop."""
+        done = time.time()
+        self._report_base = self.report_record()
+        timing = None
+        if applied is not None:
+            timing = _ApplyTiming(applied, seen, begun, done, time.time())
+        with contextlib.suppress(NotReadyError):
+            self.io.submit(self._publish(self._report_base, timing))
+
+    def _target_state(self) -> DesiredState | None:
+        """The desired state to apply (``None``: nothing newer than what is applied)."""
+        target = self.log.effective()
+        if target.generation <= self.applied_generation or self.log.current is None:
+            return None
+        return target
+
+    async def _apply_latest(self, *, initial: bool) -> int | None:
+        """Apply the latest desired state; the generation applied (``None``:
+        nothing new, or the apply failed)."""
         async with self._apply_lock:
-            target = self.log.effective()
-            if target.generation <= self.applied_generation or self.log.current is None:
-                return
+            target = self._target_state()
+            if target is None:
+                return None
             try:
                 result = await self._apply(target, initial)
             except Exception as exc:
-                self.failed_generation = target.generation
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._apply_failed(target, exc)
                 log.exception("fleet.apply_failed", generation=target.generation, error=repr(exc))
-            else:
-                recent = {g: o for g, o in self.outcomes.items() if g >= target.generation - 16}
-                self.outcomes = {**recent, target.generation: result}
-                self.applied_generation = target.generation
-                self.last_error = ""
-                log.info(
-                    "fleet.applied",
-                    generation=target.generation,
-                    mode=target.mode.value,
-                    rollout=target.rollout,
-                    paused="all" if target.paused.all else len(target.paused.partitions),
-                    initial=initial,
-                )
+                return None
+            return self._apply_done(target, result, initial=initial)
+
+    def _apply_failed(self, target: DesiredState, exc: Exception) -> None:
+        self.failed_generation = target.generation
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _apply_done(self, target: DesiredState, result: object, *, initial: bool) -> int:
+        recent = {g: o for g, o in self.outcomes.items() if g >= target.generation - 16}
+        self.outcomes = {**recent, target.generation: result}
+        self.applied_generation = target.generation
+        self.last_error = ""
+        log.info(
+            "fleet.applied",
+            generation=target.generation,
+            mode=target.mode.value,
+            rollout=target.rollout,
+            paused="all" if target.paused.all else len(target.paused.partitions),
+            initial=initial,
+        )
+        return target.generation
 
     async def _refresh_loop(self) -> None:
         """On the service's loop: the snapshot heartbeats carry, every heartbeat."""
@@ -742,15 +817,33 @@ class FleetControl:
         self._report_base = self.report_record()
         await self.io.call(self._publish(self._report_base))
 
-    async def _publish(self, record: pb.ReplicaReport | None) -> None:
+    async def _publish(
+        self, record: pb.ReplicaReport | None, timing: _ApplyTiming | None = None
+    ) -> None:
         producer = self._producer
         if producer is None or record is None or self.degraded is not None:
             return
         try:
             value = record.SerializeToString()
+            sending = time.time()
             async with asyncio.timeout(self.options.write_timeout_s):
                 await producer.send_and_wait(
                     self.options.topic, value, key=self._report_key(), partition=0
+                )
+            if timing is not None:
+                acked = time.time()
+                log.info(
+                    "fleet.reported",
+                    generation=timing.generation,
+                    took_ms=_ms(acked - timing.seen),
+                    # The hop from this loop to the service's, the apply there,
+                    # the report's snapshot, the hop back, the producer's ack.
+                    to_service_loop_ms=_ms(timing.begun - timing.seen),
+                    apply_ms=_ms(timing.applied - timing.begun),
+                    snapshot_ms=_ms(timing.snapshot - timing.applied),
+                    to_io_loop_ms=_ms(sending - timing.snapshot),
+                    publish_ms=_ms(acked - sending),
+                    seen_at=round(timing.seen, 6),
                 )
         except asyncio.CancelledError:
             raise
@@ -827,6 +920,7 @@ class FleetControl:
         self._require()
 
         async def both() -> tuple[WriteResult, list[ReplicaOutcome], bool]:
+            begun = time.time()
             result = await self._write(
                 change,
                 request_id=request_id,
@@ -835,8 +929,22 @@ class FleetControl:
                 caller_peer=caller_peer,
                 every=tuple(every),
             )
+            written = time.time()
             outcomes, complete = await self._wait_applied(
                 result.generation, timeout=wait, started=started
+            )
+            log.info(
+                "fleet.waited",
+                generation=result.generation,
+                complete=complete,
+                # From the call to the I/O loop, the write read back, the wait.
+                to_io_loop_ms=_ms(begun - started) if started is not None else None,
+                write_ms=_ms(written - begun),
+                wait_ms=_ms(time.time() - written),
+                written_at=round(written, 6),
+                replicas={
+                    o.instance: None if o.took_s is None else _ms(o.took_s) for o in outcomes
+                },
             )
             return result, outcomes, complete
 
@@ -1065,12 +1173,28 @@ class FleetControl:
         return {k: r for k, r in self.reports.items() if not is_stale(r, now)}
 
 
+@dataclass(frozen=True, slots=True)
+class _ApplyTiming:
+    """When an apply's steps happened (wall clock): the record read, the
+    apply begun and done on the service's loop, the report's snapshot."""
+
+    generation: int
+    seen: float
+    begun: float
+    applied: float
+    snapshot: float
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
 def _consume_send(send: asyncio.Future[Any]) -> None:
     if not send.cancelled() and send.exception() is not None:
         log.warning("fleet.send_failed", error=repr(send.exception()))
 
 
-def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+def _log_failure(future: concurrent.futures.Future[Any] | asyncio.Future[Any]) -> None:
     if future.cancelled():
         return
     exc = future.exception()

@@ -20,7 +20,7 @@ from aiokafka import TopicPartition
 from grpc_health.v1 import health_pb2
 
 from pool import PoolMode, SwitchResult
-from server._fleet import FleetControl, FleetOptions, LocalSnapshot
+from server._fleet import APPLY_LATER, FleetControl, FleetOptions, LocalSnapshot
 from server._fleet_probe import identity_service
 from server._fleet_state import CHANGE_RESUME, DesiredState, Paused
 from server._pauses import DRAIN, OPERATOR
@@ -54,6 +54,9 @@ def build_fleet(service: Service, grpc_address: str | None) -> FleetControl:
     async def apply(state: DesiredState, initial: bool) -> SwitchResult | None:
         return await apply_desired(service, state, initial=initial)
 
+    def apply_now(state: DesiredState) -> object:
+        return apply_desired_now(service, state)
+
     def snapshot() -> LocalSnapshot:
         return local_snapshot(service, grpc_address or "")
 
@@ -74,6 +77,7 @@ def build_fleet(service: Service, grpc_address: str | None) -> FleetControl:
         options,
         defaults=fleet_defaults(service),
         apply=apply,
+        apply_now=apply_now,
         snapshot=snapshot,
         partitions=partitions,
         announce=announce,
@@ -92,7 +96,6 @@ async def apply_desired(
     """Make this replica follow ``state``; the switch's combined result (or
     ``None`` when mode and rollout were already in force)."""
     switch = service.switch
-    consumer = service.consumer
     results: list[SwitchResult] = []
     if state.mode is PoolMode.ACTOR:
         results.append(await switch.set_rollout(state.rollout, wait_timeout=0))
@@ -100,9 +103,33 @@ async def apply_desired(
     else:
         results.append(await switch.set_mode(state.mode, wait_timeout=0))
         results.append(await switch.set_rollout(state.rollout, wait_timeout=0))
+    _hold(service, state, initial=initial)
+    return _combined(results)
+
+
+def apply_desired_now(service: Service, state: DesiredState) -> SwitchResult | object | None:
+    """:func:`apply_desired` without awaiting anything (from a plain callback
+    of the service's loop, one loop turn after the follower read the state):
+    the same switch changes, in the same order, and the same pauses.
+    :data:`~server._fleet.APPLY_LATER` (nothing done) while an awaited switch
+    change (a replica-scope call waiting for its handover) holds the switch."""
+    results = service.switch.change_nowait(mode=state.mode, rollout_percent=state.rollout)
+    if results is None:
+        return APPLY_LATER
+    _hold(service, state, initial=False)
+    return _combined(results)
+
+
+def _hold(service: Service, state: DesiredState, *, initial: bool) -> None:
+    """The fleet's operator pauses (and a resume's drain pauses lifted)."""
+    consumer = service.consumer
     consumer.set_holds(OPERATOR, _tps(state.paused))
     if not initial and state.change == CHANGE_RESUME:
         consumer.release((DRAIN,), _tps(state.resumed))
+
+
+def _combined(results: list[SwitchResult]) -> SwitchResult | None:
+    """The switch's steps as one result (``None``: none changed anything)."""
     changed = [r for r in results if r.changed]
     if not changed:
         return None

@@ -41,6 +41,13 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     for lat in report["latency"]:
         assert lat["events"] > 0
         assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    # The floor beside them: the plain loop at the same rate, same producer and broker.
+    assert [lat["consumer"] for lat in report["latency_plain"]] == ["plain"]
+    for lat in report["latency_plain"]:
+        assert lat["events"] > 0
+        assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+        assert lat["to_handler_start"]["p99_ms"] <= lat["p99_ms"]
+    assert {s["consumer"] for s in report["latency_summary"]} == {"plain", "keyed", "actor"}
     switch = report["switch"]
     assert switch["switches"] == 5
     assert 0 < switch["round_trip_ms"]["p50_ms"] <= switch["round_trip_ms"]["max_ms"]

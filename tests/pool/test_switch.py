@@ -335,3 +335,61 @@ def test_switch_checks_its_pools() -> None:
     actor = ActorPool(t.handler("a"), ActorPoolOptions(size=1))
     with pytest.raises(TypeError):
         PoolSwitch(actor, keyed)
+
+
+async def test_change_nowait_installs_the_rule_at_once_and_keeps_order() -> None:
+    """The synchronous change (fleet control applies a desired state with it,
+    from a plain loop callback): in force when it returns, the steps in the
+    order of the awaited changes, held aggregates as after any change."""
+    t = Tracking()
+    t.gates["a"] = asyncio.Event()
+    async with make_switch(t, rollout_percent=0) as sw:
+        a0 = await sw.submit(msg("a", 0))
+        await asyncio.sleep(0)
+        steps = sw.change_nowait(mode=PoolMode.ACTOR, rollout_percent=100)
+        assert steps is not None
+        # Going to ACTOR: the rollout first (no routing change under KEYED), then the mode.
+        assert [(r.mode, r.rollout) for r in steps] == [
+            (PoolMode.KEYED, 100.0),
+            (PoolMode.ACTOR, 100.0),
+        ]
+        assert [r.generation for r in steps] == [1, 2]
+        assert steps[1].waited_aggregates == 1
+        assert steps[1].pending_aggregates == 1
+        assert sw.route("a") is PoolMode.ACTOR
+        a1 = await sw.submit(msg("a", 1))
+        assert sw.held == 1, "a's next event waits behind its keyed one"
+        t.gates["a"].set()
+        await asyncio.wait_for(asyncio.gather(a0, a1), 5)
+        # Going to KEYED: the mode first, then the rollout (no routing change).
+        back = sw.change_nowait(mode=PoolMode.KEYED, rollout_percent=10)
+        assert back is not None
+        assert [(r.mode, r.rollout) for r in back] == [
+            (PoolMode.KEYED, 100.0),
+            (PoolMode.KEYED, 10.0),
+        ]
+        again = sw.change_nowait(mode=PoolMode.KEYED, rollout_percent=10)
+        assert again is not None
+        assert [r.changed for r in again] == [False, False]
+        assert sw.generation == 4
+    assert t.offsets("a") == [0, 1]
+    assert t.pools_of("a") == ["keyed", "actor"]
+
+
+async def test_change_nowait_declines_while_an_awaited_change_waits() -> None:
+    t = Tracking()
+    t.gates["a"] = asyncio.Event()
+    async with make_switch(t) as sw:
+        a0 = await sw.submit(msg("a", 0))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(sw.set_mode(PoolMode.ACTOR, wait_timeout=None))
+        await asyncio.sleep(0.01)
+        assert not waiting.done(), "the awaited change waits for a's handover"
+        assert sw.change_nowait(rollout_percent=50) is None
+        assert (sw.mode, sw.rollout_percent, sw.generation) == (PoolMode.ACTOR, 100.0, 1)
+        t.gates["a"].set()
+        await asyncio.wait_for(asyncio.gather(a0, waiting), 5)
+        steps = sw.change_nowait(rollout_percent=50)
+        assert steps is not None
+        assert [r.rollout for r in steps] == [50.0]
+        assert sw.generation == 2

@@ -34,7 +34,18 @@ event = st.tuples(
 mode = st.tuples(st.just("mode"), st.sampled_from([PoolMode.KEYED, PoolMode.ACTOR]), st.booleans())
 rollout = st.tuples(st.just("rollout"), st.integers(0, 100), st.booleans())
 tick = st.tuples(st.just("tick"), st.integers(1, 5))
-operations = st.lists(st.one_of(event, event, event, mode, rollout, tick), max_size=120)
+# change_nowait from a plain callback of the loop (as fleet control applies a
+# desired state), and awaited changes left running in a task meanwhile (then
+# change_nowait must decline).
+now = st.tuples(
+    st.just("now"),
+    st.sampled_from([None, PoolMode.KEYED, PoolMode.ACTOR]),
+    st.one_of(st.none(), st.integers(0, 100)),
+)
+background = st.tuples(st.just("background"), st.sampled_from([PoolMode.KEYED, PoolMode.ACTOR]))
+operations = st.lists(
+    st.one_of(event, event, event, mode, rollout, tick, now, background), max_size=120
+)
 
 
 async def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
@@ -67,8 +78,23 @@ async def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
     )
     futures: dict[int, asyncio.Future] = {}  # type: ignore[type-arg]
     finished: dict[int, list[bool]] = defaultdict(list)
+    changes: list[asyncio.Task] = []  # type: ignore[type-arg]
+    declined: list[bool] = []
+
+    def change_now(sw: PoolSwitch, mode: PoolMode | None, rollout: int | None) -> None:
+        results = sw.change_nowait(mode=mode, rollout_percent=rollout)
+        declined.append(results is None)
+        if results is None:
+            assert any(not t.done() for t in changes), "declined with no awaited change running"
+        else:
+            if mode is not None:
+                assert sw.mode is mode
+            if rollout is not None:
+                assert sw.rollout_percent == rollout
+
     async with PoolSwitch(keyed, actor) as sw:
         sw.add_finish_listener(lambda m, dead: finished[m.offset].append(dead is None))
+        loop = asyncio.get_running_loop()
         offset = 0
         for op in ops:
             if op[0] == "ev":
@@ -83,10 +109,16 @@ async def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
                 await sw.set_mode(op[1], wait_timeout=None if op[2] else 0)
             elif op[0] == "rollout":
                 await sw.set_rollout(op[1], wait_timeout=None if op[2] else 0)
+            elif op[0] == "now":
+                loop.call_soon(change_now, sw, op[1], op[2])
+            elif op[0] == "background":
+                changes.append(asyncio.create_task(sw.set_mode(op[1], wait_timeout=None)))
             else:
                 for _ in range(op[1]):
                     await asyncio.sleep(0)
         results = await asyncio.wait_for(asyncio.gather(*futures.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*changes), 10)
+        await asyncio.sleep(0)  # the last change_now callbacks
         await sw.drain(10)
         assert sw.in_flight == 0
         assert sw.held == 0

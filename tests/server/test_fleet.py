@@ -313,3 +313,73 @@ async def test_fleet_control_disabled_keeps_replica_behaviour(
         assert not (await client.fleet_status()).enabled
         with pytest.raises(PreconditionError, match=r"control\.enabled"):
             await client.set_mode("keyed", scope="fleet")
+
+
+async def test_a_fleet_state_waits_for_a_replica_change_that_holds_the_switch(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    """A desired state is applied in one callback of the service's loop,
+    unless an awaited switch change (a replica-scope call waiting for its
+    handover) holds the switch: then it is applied after that change, in
+    order, and only then reported applied."""
+    topic = await make_topic(partitions=1)
+    group = f"{topic}-g"
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    async def handler(message: object) -> None:
+        started.append(getattr(message, "aggregate_id", ""))
+        await gate.wait()
+
+    settings = service_settings(broker.bootstrap, topic, group, *FAST)
+    async with (
+        Service(settings, bootstrap_servers=broker.bootstrap, handler=handler) as svc,
+        AsyncPoolControlClient(svc.endpoints.grpc_address or "", timeout=20) as client,  # type: ignore[union-attr]
+    ):
+        fleet = svc.fleet
+        assert fleet is not None
+        await produce(broker.bootstrap, topic, aggregate_events(1, 1, 1))
+        await assert_eventually(lambda: started == ["agg-0"], message="the event is in flight")
+        # The replica-scope change waits for agg-0's handover, holding the switch.
+        local = asyncio.ensure_future(client.set_mode("actor", scope="replica", wait_timeout=30))
+        await assert_eventually(lambda: mode_of(svc) is PoolMode.ACTOR)
+        call = asyncio.ensure_future(client.set_rollout(40, wait_timeout=30))
+        await assert_eventually(
+            lambda: fleet.log.generation == 1, message="the fleet state is read"
+        )
+        await assert_eventually(
+            lambda: any(t.get_name() == "fleet.apply" for t in asyncio.all_tasks()),
+            message="the apply waits for the switch in a task",
+        )
+        assert fleet.applied_generation == 0
+        assert svc.switch.rollout_percent == 100.0
+        assert not call.done()
+        gate.set()
+        reply = await asyncio.wait_for(local, 20)
+        assert reply.result.mode == pb.POOL_MODE_ACTOR
+        fleet_reply = await asyncio.wait_for(call, 20)
+        assert fleet_reply.fleet.complete
+        assert [r.outcome for r in fleet_reply.fleet.replicas] == [pb.REPLICA_OUTCOME_APPLIED]
+        # The fleet's state (generation 0's mode, the new rollout) overrode the replica's.
+        assert (mode_of(svc), svc.switch.rollout_percent) == (PoolMode.KEYED, 40.0)
+        assert fleet.applied_generation == 1
+
+
+async def test_a_burst_of_fleet_writes_ends_with_the_last_one_applied(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    """States read while an apply runs are applied after it: however the
+    follower's reads and the applies on the service's loop interleave, the
+    replica ends on the latest generation (none is left unapplied)."""
+    topic = await make_topic(partitions=2)
+    async with replica(broker, topic, f"{topic}-g") as (svc, client, _):
+        fleet = svc.fleet
+        assert fleet is not None
+        percents = [float(p % 101) for p in range(1, 41)]
+        replies = await asyncio.gather(*(client.set_rollout(p, wait_timeout=0) for p in percents))
+        last = max(r.fleet.generation for r in replies)
+        assert last == 40
+        await assert_eventually(
+            lambda: fleet.applied_generation == last, message="the last generation applied"
+        )
+        assert svc.switch.rollout_percent == fleet.desired.rollout
