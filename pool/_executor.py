@@ -6,12 +6,14 @@ and close. Subclasses decide what happens when a handler fails.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import random
 import time
+import types
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self, cast
 
@@ -41,10 +43,12 @@ class _Executor:
     """One worker/actor: a bounded FIFO and the bookkeeping around it."""
 
     __slots__ = (
+        "context",
         "current",
         "dead_letters",
         "drain_targets",
         "failed",
+        "handoff",
         "held",
         "index",
         "latency",
@@ -60,6 +64,7 @@ class _Executor:
         "task",
         "timed",
         "wakeup",
+        "watchdog",
     )
 
     def __init__(self, index: int, run: Callable[[Message], Any], timed: bool) -> None:
@@ -96,6 +101,15 @@ class _Executor:
         # (target finished count, drain waiter) pairs: see BasePool.drain.
         self.drain_targets: list[tuple[int, _DrainWaiter]] = []
         self.task: asyncio.Task[None] | None = None
+        # The executor task's contextvars context: an eager first step (see
+        # BasePool.dispatch_nowait) runs in it too, so a handler sees one context.
+        self.context = contextvars.Context()
+        # Set by the executor loop before its first wait (and only read after it).
+        self.watchdog: _Watchdog = cast(_Watchdog, None)
+        # An attempt whose first step ran eagerly and did not finish there, for
+        # the executor loop to go on with: (coroutine, what its first step
+        # yielded, what it raised, when it started).
+        self.handoff: _Handoff | None = None
 
     @property
     def depth(self) -> int:
@@ -180,6 +194,53 @@ def _timed_out(timeout: float, cancelled: BaseException) -> TimeoutError:
     error = TimeoutError(f"handler timed out after {timeout:g}s")
     error.__cause__ = cancelled
     return error
+
+
+#: A handler attempt whose first step ran eagerly and did not finish there:
+#: (its coroutine, what the step yielded, what it raised, when it started).
+_Handoff = tuple[Coroutine[Any, Any, Any] | None, Any, BaseException | None, float]
+#: The running task per event loop, which ``asyncio.current_task`` reads (the C
+#: module's dict): an eager first step runs as the executor's task.
+_current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+#: ``next``'s default: the handler's first step returned.
+_DONE: Any = object()
+_FIRST_BOUND = LATENCY_BUCKETS[0]
+
+
+@types.coroutine
+def _go_on(
+    coro: Coroutine[Any, Any, Any], yielded: Any, thrown: BaseException | None
+) -> Generator[Any, None, Any]:
+    """Drive the rest of a handler coroutine whose first step ran eagerly (see
+    ``BasePool.dispatch_nowait``), as if the executor's task had run that step: what the
+    step yielded goes to the task (a future it waits on, or ``None`` for a bare
+    yield), what the task sends or throws back goes into the coroutine, and
+    from the next step on the coroutine is awaited directly. ``thrown``: an
+    exception to throw into it first (the task's cancellation that came before
+    the executor took the attempt over)."""
+    while True:
+        if thrown is not None:
+            error, thrown = thrown, None
+            try:
+                yielded = coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+        try:
+            yield yielded
+        except GeneratorExit:  # closed (the task is being collected): close the handler too
+            coro.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - thrown in by the task: its cancellation
+            thrown = exc
+        else:
+            return (yield from coro.__await__())
+
+
+@types.coroutine
+def _raise(error: BaseException) -> Generator[Any, None, Any]:
+    """Raise ``error`` where the executor awaits the attempt (a first step that raised)."""
+    raise error
+    yield  # a generator: unreachable
 
 
 class _Retry:
@@ -328,13 +389,25 @@ class BasePool:
         executors = self._executors
         return [ex.latency[:] for ex in executors], [ex.latency_sum for ex in executors]
 
-    def add_finish_listener(self, listener: FinishListener) -> None:
+    def add_finish_listener(self, listener: FinishListener, *, first: bool = False) -> None:
         """Call ``listener(message, dead_letter_or_none)`` synchronously as each event finishes.
 
         It runs before the event's completion resolves, on the event loop,
-        and must not raise or block.
+        and must not raise or block. It may run inside :meth:`dispatch_nowait`
+        (an event finished by its eager first step). ``first``: before the
+        listeners added so far (the mode switch's bookkeeping goes first).
         """
-        self._listeners.append(listener)
+        # In place: the executor loops hold the list. (Listeners are added and
+        # removed synchronously, never while they are being called.)
+        if first:
+            self._listeners.insert(0, listener)
+        else:
+            self._listeners.append(listener)
+
+    def remove_finish_listener(self, listener: FinishListener) -> None:
+        """Stop calling ``listener`` (its first registration); nothing if not added."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -351,7 +424,10 @@ class BasePool:
                 max_workers=self._threads_n, thread_name_prefix=f"{self._mode}-handler"
             )
         for ex in self._executors:
-            ex.task = asyncio.create_task(self._run(ex), name=f"{self._mode}-executor-{ex.index}")
+            ex.context = contextvars.copy_context()
+            ex.task = asyncio.create_task(
+                self._run(ex), name=f"{self._mode}-executor-{ex.index}", context=ex.context
+            )
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -377,7 +453,21 @@ class BasePool:
         """Like :meth:`submit_nowait` without a completion future: the outcome
         is reported only to the finish listeners. The hot path of the Kafka
         consumer: a future per event costs more than the rest of the pool.
-        (:meth:`enqueue_nowait` without a future, written out: one call less.)"""
+        (:meth:`enqueue_nowait` without a future, written out: one call less.)
+
+        *The eager first step.* For an executor that is idle (waiting on its
+        wake-up) with nothing of the event's aggregate running or held, the
+        handler's first step runs here, on the caller's stack: a handler that
+        completes without suspending is finished (listeners called) before
+        this returns, without queueing the event, waking the executor's task
+        and stepping it. One that suspends (or raises) is handed over to the
+        executor's task, which goes on with it exactly as with an attempt it
+        started (the watchdog, retries, dead letters, supervision; see
+        ``_take_over``). The step runs as the executor's task would run it:
+        in its contextvars context, with it as the current task
+        (``asyncio.current_task()``, ``asyncio.timeout()`` in a handler), and
+        with the executor marked running (one event at a time; it counts as in
+        flight). Nothing the handler raises escapes from here."""
         if not self._open:
             self.enqueue_nowait(message, False)  # raises, or starts the pool
             return
@@ -386,17 +476,82 @@ class BasePool:
         depth = len(queue) + ex.running + ex.held
         if depth >= self._capacity:
             raise QueueFullError(ex.index, self._capacity)
-        queue.append((message, None))
         ex.submitted += 1
         if self._report_each:
             metrics = self._metrics
             metrics.message_sent(ex.index)
             metrics.inbox_depth(ex.index, depth + 1, self._capacity)
         wakeup = ex.wakeup
-        if wakeup is not None:
-            ex.wakeup = None
+        if wakeup is None:  # the executor is running: it takes the event from its queue
+            queue.append((message, None))
+            return
+        ex.wakeup = None
+        if depth or wakeup.done():
+            queue.append((message, None))
             if not wakeup.done():
                 wakeup.set_result(None)
+            return
+        # The executor is idle, waiting for work, and nothing of this aggregate
+        # is running or held there: run the handler's first step here (written
+        # out: the hot path of the Kafka consumer).
+        ex.running = True
+        ex.current = message
+        loop: Any = self._loop
+        metered = self._metered
+        started = self._clock() if metered else 0.0
+        tasks = _current_tasks
+        caller = tasks.get(loop)
+        tasks[loop] = ex.task  # type: ignore[assignment]
+        coro = None
+        try:
+            coro = ex.run(message)
+            # ``next`` with a default: a coroutine that returns raises no
+            # StopIteration here (it costs ~180 ns); what it yields comes back.
+            yielded = ex.context.run(next, coro.__await__(), _DONE)
+        except BaseException as exc:  # noqa: BLE001 - the executor deals with it, as with its own
+            ex.handoff = (coro, None, exc, started)
+            wakeup.set_result(None)
+            return
+        finally:
+            if caller is None:
+                del tasks[loop]
+            else:
+                tasks[loop] = caller
+        if yielded is not _DONE:  # suspended: the executor's task goes on with it
+            if ex.timed:
+                # Stamped only now: a step that does not suspend cannot be timed
+                # out (nothing interrupts it). uvloop's ``time()`` is the loop
+                # turn's, the same as before the step; with asyncio's own loop a
+                # first step that blocks has its deadline from its first suspension.
+                wd = ex.watchdog
+                wd.started = now = loop.time()
+                if wd.timer is None:
+                    wd.timer = loop.call_at(now + wd.timeout, wd.check)
+            ex.handoff = (coro, yielded, None, started)
+            wakeup.set_result(None)
+            return
+        # Finished in its first step: what the executor loop does after a success.
+        if metered:
+            took = self._clock() - started
+            if self._report_each:
+                self._metrics.message_processed(ex.index, True, took)
+                self._metrics.inbox_depth(ex.index, len(queue) + ex.held, self._capacity)
+            else:
+                latency = ex.latency
+                latency[0 if took <= _FIRST_BOUND else bisect_left(LATENCY_BUCKETS, took)] += 1
+                ex.latency_sum += took
+        ex.ok += 1
+        ex.running = False
+        for listener in self._listeners:
+            listener(message, None)
+        if ex.space_waiters:
+            self._wake_space(ex)
+        if ex.drain_targets:
+            self._check_drain(ex)
+        if queue or ex.ready:
+            wakeup.set_result(None)  # events came in meanwhile (from the handler or a listener)
+        else:
+            ex.wakeup = wakeup
 
     async def dispatch(self, message: Message) -> None:
         """Like :meth:`submit` without a completion future (see :meth:`dispatch_nowait`)."""
@@ -474,7 +629,7 @@ class BasePool:
         task = asyncio.current_task(loop)
         assert task is not None
         timeout = self._handler_timeout or 0.0
-        wd = _Watchdog(ex, task, loop, timeout)
+        ex.watchdog = wd = _Watchdog(ex, task, loop, timeout)
         loop_time = loop.time
         call_at = loop.call_at
         check = wd.check
@@ -500,6 +655,7 @@ class BasePool:
         outcome: DeadLetter | _Retry | None
         while True:
             retry: _Parked | None = None
+            step: Any = None
             if ready:
                 retry = ready.popleft()
                 message, future = retry.message, retry.future
@@ -514,18 +670,30 @@ class BasePool:
                     continue
             else:
                 ex.wakeup = wakeup = loop.create_future()
-                await wakeup
-                continue
-            ex.running = True
-            ex.current = message
-            if timed:
-                wd.started = loop_time()
-                if wd.timer is None:
-                    wd.timer = call_at(wd.started + timeout, check)
-            if metered:
-                started = clock()
+                try:
+                    await wakeup
+                except BaseException as exc:  # cancelled
+                    if ex.handoff is None:
+                        raise
+                    step, started = self._take_over(ex, exc)
+                else:
+                    if ex.handoff is None:
+                        continue
+                    step, started = self._take_over(ex, None)
+                # An attempt whose first step ran eagerly: already stamped.
+                message, future = cast(Message, ex.current), None
+            if step is None:
+                ex.running = True
+                ex.current = message
+                if timed:
+                    wd.started = loop_time()
+                    if wd.timer is None:
+                        wd.timer = call_at(wd.started + timeout, check)
+                if metered:
+                    started = clock()
+                step = run(message)
             try:
-                await run(message)
+                await step
             except BaseException as exc:
                 error = exc
                 if wd.expired:  # the watchdog cancelled this call
@@ -579,6 +747,23 @@ class BasePool:
                 self._wake_space(ex)
             if ex.drain_targets:
                 self._check_drain(ex)
+
+    def _take_over(self, ex: _Executor, thrown: BaseException | None) -> tuple[Any, float]:
+        """What the executor loop awaits to go on with the attempt
+        ``dispatch_nowait`` handed over, and when the attempt started. ``thrown``: the task's
+        cancellation that came first (the watchdog's or the pool's close),
+        delivered as the task would have: the future the step waits on is
+        cancelled, else the cancellation is thrown into the coroutine."""
+        handoff = cast(_Handoff, ex.handoff)
+        ex.handoff = None
+        coro, yielded, error, started = handoff
+        if error is not None or coro is None:
+            return _raise(thrown if thrown is not None else cast(BaseException, error)), started
+        if thrown is not None:
+            if isinstance(yielded, asyncio.Future) and yielded.cancel():
+                thrown = None  # it raises CancelledError into the handler when awaited
+            return _go_on(coro, yielded, thrown), started
+        return _go_on(coro, yielded, None), started
 
     def _count_attempt(self, ex: _Executor, took: float) -> None:
         """Count a failed handler attempt (the executor loop inlines the others)."""

@@ -94,14 +94,21 @@ class Pool(Protocol):
     def dispatch_nowait(self, message: Message) -> None:
         """Like ``submit_nowait`` but without a completion future: the outcome
         goes only to the finish listeners (the consumer's hot path). Never
-        blocks; raises as ``submit_nowait``."""
+        blocks; raises as ``submit_nowait``. On an idle executor the handler's
+        first step may run inside this call (and a handler that completes
+        there is finished, its listeners called, before it returns): register
+        what a listener needs before calling it."""
 
     async def dispatch(self, message: Message) -> None:
         """Like ``submit`` but without a completion future."""
 
-    def add_finish_listener(self, listener: FinishListener) -> None:
+    def add_finish_listener(self, listener: FinishListener, *, first: bool = False) -> None:
         """Call ``listener(message, dead_letter_or_none)`` synchronously as each
-        event finishes, before its completion resolves. It must not raise or block."""
+        event finishes, before its completion resolves. It must not raise or block.
+        ``first``: before the listeners added so far (default: after them)."""
+
+    def remove_finish_listener(self, listener: FinishListener) -> None:
+        """Stop calling ``listener`` (its first registration); nothing if not added."""
 
     async def wait_for_space(self, index: int) -> None:
         """Return once executor ``index`` is below capacity (or the pool closes).

@@ -88,7 +88,7 @@ class _Held:
 class _Lane:
     """One pool as the switch routes to it."""
 
-    __slots__ = ("counted", "counts", "dispatch", "enqueue", "mode", "other", "pool")
+    __slots__ = ("_counted", "counts", "dispatch", "enqueue", "listener", "mode", "other", "pool")
 
     def __init__(self, pool: Pool, counts: dict[str, int], other: dict[str, int]) -> None:
         self.pool = pool
@@ -98,14 +98,50 @@ class _Lane:
         #: Unfinished events per aggregate in this pool, while ``counted``;
         #: empty otherwise (the pool is then the only target: see the module doc).
         self.counts = counts
-        self.counted = False
+        self._counted = False
         #: The other pool's counts.
         self.other = other
+        #: The switch's finish listener for this pool: registered with the pool
+        #: only while it is counted (uncounted, it would return at once, for a
+        #: Python call per event).
+        self.listener: FinishListener | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Whether this pool's events are counted (the hot paths read ``_counted``)."""
+        return self._counted
+
+    @counted.setter
+    def counted(self, value: bool) -> None:
+        if value == self._counted:
+            return
+        self._counted = value
+        listener = self.listener
+        if listener is not None:
+            if value:
+                self.pool.add_finish_listener(listener, first=True)
+            else:
+                self.pool.remove_finish_listener(listener)
+
+    def attach(self, listener: FinishListener) -> None:
+        """Set the switch's finish listener (registered while counted)."""
+        self.listener = listener
+        if self._counted:
+            self.pool.add_finish_listener(listener, first=True)
 
     def count(self, key: str) -> None:
         """One more unfinished event of ``key`` in this pool."""
-        if self.counted:
+        if self._counted:
             self.counts[key] = self.counts.get(key, 0) + 1
+
+    def uncount(self, key: str) -> None:
+        """Take back :meth:`count` of an event the pool refused."""
+        counts = self.counts
+        left = counts.get(key, 0) - 1
+        if left > 0:
+            counts[key] = left
+        else:
+            counts.pop(key, None)
 
 
 class PoolSwitch:
@@ -164,7 +200,7 @@ class PoolSwitch:
         self._change_listeners: list[Callable[[SwitchResult], None]] = []
         self._closing = False
         for lane in self._lanes.values():
-            lane.pool.add_finish_listener(self._finish_listener(lane))
+            lane.attach(self._finish_listener(lane))
 
     # ----------------------------------------------------------- state
     @property
@@ -275,10 +311,18 @@ class PoolSwitch:
         if lane is None:
             lane = self._lanes[self._target(key, self._mode, self._rollout_bp)]
         if key not in lane.other and not (self._holding and key in self._holding):
-            lane.dispatch(message)
-            if lane.counted:
-                counts = lane.counts
-                counts[key] = counts.get(key, 0) + 1
+            if not lane._counted:
+                lane.dispatch(message)
+                return
+            # Counted before the pool sees it: the event may finish inside
+            # ``dispatch`` (a handler's first step runs eagerly on an idle executor).
+            counts = lane.counts
+            counts[key] = counts.get(key, 0) + 1
+            try:
+                lane.dispatch(message)
+            except BaseException:
+                lane.uncount(key)
+                raise
             return
         self._route_one(message, False)  # held behind its earlier events
 
@@ -338,8 +382,8 @@ class PoolSwitch:
         counts = lane.counts
 
         def finished(message: Message, outcome: DeadLetter | None) -> None:
-            if not lane.counted:
-                return  # the rule's only target: nothing waits for its events
+            if not lane._counted:
+                return  # (not registered then: see _Lane.listener)
             key = message.aggregate_id
             left = counts[key] - 1
             if left:
