@@ -137,8 +137,9 @@ class ConsumerOptions:
     fetch_timeout_ms: int = 100
     #: How long the broker may hold a fetch for data. Kafka answers as soon as
     #: data arrives, so this only matters when idle; the embedded broker (Tansu)
-    #: holds every fetch this long, so it bounds produce-to-handle latency there
-    #: (aiokafka's default 500 ms gave P99 ~260 ms; 20 ms gives ~18 ms).
+    #: does not answer early: it holds a fetch about half this long, so it
+    #: bounds produce-to-handle latency there (aiokafka's default 500 ms gave
+    #: P99 ~260 ms; see docs/performance.md for 20, 10 and 5 ms).
     fetch_max_wait_ms: int = 20
     max_records: int = 2_000
     auto_offset_reset: str = "earliest"
