@@ -29,7 +29,7 @@ from bench.campaigns._harness import (
     wait_for,
 )
 from clients import AsyncPoolControlClient
-from server._fleet import IoLoop
+from server._loops import IoLoop
 
 NAME = "fleet_storm"
 DESCRIPTION = (
