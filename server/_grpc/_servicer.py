@@ -11,9 +11,19 @@ mutating call acts on the fleet; its branch, at the top of
 ``SetPoolMode``/``SetRollout``/``Pause``/``Resume``, goes through
 :mod:`server._grpc._fleet` (the control topic) instead of the target.
 
+Loops: the methods run on the server's event loop (a thread of its own, see
+:func:`~server._grpc._server.start_grpc_server`). What reads or changes the
+target's state (the switch, the consumer, pauses, drains, dead letters, a
+status snapshot) runs on the service's loop through :meth:`_on_service`
+(:func:`~server._loops.run_on`; a stream through
+:func:`~server._loops.iterate_on`); validation, the replay cache, health and
+the fleet-scope calls (which hop to the fleet's loop themselves) stay on the
+server's loop.
+
 Adding an RPC: declare it in ``proto/`` (``make protos``), add its method
 here and its conversions to ``_convert.py``, and the target method it needs
-to :class:`~server._control.ControlTarget`. A call that changes the service
+to :class:`~server._control.ControlTarget` (its body through
+``self._on_service(...)`` if it touches the target). A call that changes the service
 goes in :data:`MUTATING_METHODS` (admin token, audit) and runs through
 ``self._replay.run(...)`` so a repeated ``request_id`` gets the first answer.
 """
