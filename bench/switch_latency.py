@@ -3,6 +3,7 @@
     .venv/bin/python bench/switch_latency.py [--rate 10000] [--switches 200]
         [--handler-ms 1] [--partitions 8] [--aggregates 10000] [--runs 1]
         [--variant [NAME=]DIR ...] [--freeze-ms MS] [--no-lag-probe]
+        [--read-call health|status|fleet-status] [--freeze-reads]
         [--inline-producer] [--keep-calls] [--json bench/results/switch_latency.json]
 
 Real processes on one embedded broker: ``python -m server`` with its default
@@ -36,6 +37,9 @@ DIR``), interleaved run by run with this one, and pools every call of each
 variant: a before/after in one session on a loaded machine. ``--freeze-ms``
 stops the service (SIGSTOP) that long before each call, so that a backlog has
 built when the call comes (what a loaded machine does at random).
+``--read-call`` chooses the call timed half-way between two switches
+(``health``, ``status``: GetStatus, ``fleet-status``: GetFleetStatus; the
+"health" columns), ``--freeze-reads`` freezes before it too.
 """
 
 from __future__ import annotations
@@ -215,13 +219,22 @@ async def one_run(
                     ],
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
                 )  # fmt: skip
+            read_call = {
+                "health": client.health,
+                "status": client.status,
+                "fleet-status": client.fleet_status,
+            }[args.read_call]
             await asyncio.sleep(args.warmup)
             rng = random.Random(12)
             mode = "keyed"
             for _ in range(args.switches):
                 await asyncio.sleep(rng.uniform(0.025, 0.075))
+                if args.freeze_ms and args.freeze_reads:
+                    svc.send_signal(signal.SIGSTOP)
+                    await asyncio.sleep(args.freeze_ms / 1000)
+                    svc.send_signal(signal.SIGCONT)
                 t0 = time.monotonic_ns()
-                await client.health()
+                await read_call()
                 health.append((time.monotonic_ns() - t0) / 1e6)
                 await asyncio.sleep(rng.uniform(0.025, 0.075))
                 if args.freeze_ms:
@@ -390,6 +403,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "lag_probe": not args.no_lag_probe,
         "inline_producer": args.inline_producer,
         "freeze_ms": args.freeze_ms,
+        "read_call": args.read_call,
+        "freeze_reads": args.freeze_reads,
         "runs": [],
     }
     broker = EmbeddedBroker(log_path=workdir / "tansu.log")
@@ -456,6 +471,17 @@ def main() -> None:
         type=float,
         default=0.0,
         help="SIGSTOP the service this long before each call (a backlog builds meanwhile)",
+    )
+    p.add_argument(
+        "--read-call",
+        choices=("health", "status", "fleet-status"),
+        default="health",
+        help="the call timed half-way between two switches (the 'health' columns)",
+    )
+    p.add_argument(
+        "--freeze-reads",
+        action="store_true",
+        help="with --freeze-ms, freeze before each read call too (it meets a backlog)",
     )
     p.add_argument("--no-lag-probe", action="store_true", help="no stall probe in the service")
     p.add_argument("--inline-producer", action="store_true", help="produce in this process")

@@ -53,7 +53,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
@@ -91,6 +90,7 @@ from server._fleet_state import (
     plan,
     restatement,
 )
+from server._loops import IoLoop
 
 log = structlog.get_logger("server.fleet")
 
@@ -189,63 +189,6 @@ ApplyFn = Callable[[DesiredState, bool], Awaitable[object]]
 #: now (an awaited change is in progress): then ``apply`` is awaited instead.
 ApplyNowFn = Callable[[DesiredState], object]
 APPLY_LATER: Final = object()
-
-
-class IoLoop:
-    """An asyncio event loop running in a daemon thread of its own."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._closing = False
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self.loop = loop
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                tasks = asyncio.all_tasks(loop)
-                for task in tasks:
-                    task.cancel()
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.run_until_complete(loop.shutdown_default_executor())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
-        self._thread.start()
-        ready.wait()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Run ``coro`` on this loop (from any thread)."""
-        loop = self.loop
-        if loop is None or self._closing or loop.is_closed():
-            coro.close()
-            raise NotReadyError("fleet control is not running")
-        return asyncio.run_coroutine_threadsafe(coro, loop)
-
-    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on this loop and await its result from the caller's loop
-        (cancelling the caller cancels it)."""
-        return await asyncio.wrap_future(self.submit(coro))
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        loop, thread = self.loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._closing = True
-        with contextlib.suppress(RuntimeError):  # already closed
-            loop.call_soon_threadsafe(loop.stop)
-        await asyncio.to_thread(thread.join, timeout)
 
 
 class FleetControl:

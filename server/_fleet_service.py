@@ -69,7 +69,7 @@ def build_fleet(service: Service, grpc_address: str | None) -> FleetControl:
         # replica probing it then tells this process from a newer one).
         handle = service.grpc_server
         if handle is not None:
-            await handle.health.set(
+            await handle.set_health(
                 identity_service(service.instance), health_pb2.HealthCheckResponse.SERVING
             )
 

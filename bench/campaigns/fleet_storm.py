@@ -29,7 +29,7 @@ from bench.campaigns._harness import (
     wait_for,
 )
 from clients import AsyncPoolControlClient
-from server._fleet import IoLoop
+from server._loops import IoLoop
 
 NAME = "fleet_storm"
 DESCRIPTION = (
@@ -424,7 +424,8 @@ async def run(quick: bool) -> dict[str, Any]:
                     "breakdown_ms (p50 / p99 / max, from the replicas' fleet.waited and "
                     "fleet.reported log lines): outside = the client's time minus the "
                     "server's (the call's way to the handler and back, on the called replica's "
-                    "service loop, and the client's thread); to_io_loop = the handler "
+                    "gRPC loop, a thread of its own, and the client's thread); to_io_loop = "
+                    "the handler "
                     "to the fleet's loop; write = the proposal written and read back; "
                     "wait = until every live replica reported it applied. Per replica: "
                     "read = the writer read its record back -> this replica's follower "

@@ -5,20 +5,21 @@ and its refusal."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import structlog
 from actorpool.control.v1 import control_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from server._config import host_is_loopback
 from server._control import ControlTarget
-from server._control_metrics import control_metrics
+from server._control_metrics import ControlMetrics, control_metrics
 from server._errors import ServiceError
 from server._grpc._auth import TokenAuth
 from server._grpc._health import HEALTH_SERVICE_NAME, HealthState
@@ -29,6 +30,7 @@ from server._grpc._servicer import (
     SERVICE_NAME,
     PoolControlServicer,
 )
+from server._loops import IoLoop, run_on
 
 __all__ = [
     "GrpcConfigError",
@@ -76,7 +78,11 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class GrpcServerHandle:
-    """A running control-plane server. ``stop()`` is idempotent; ``async with`` stops it."""
+    """A running control-plane server. ``stop()`` is idempotent; ``async with`` stops it.
+
+    The server runs on its own event loop (:attr:`loop`, in a thread, see
+    :func:`start_grpc_server`); the handle's methods may be awaited from any
+    loop and hop to it."""
 
     def __init__(
         self,
@@ -87,6 +93,7 @@ class GrpcServerHandle:
         health: HealthState,
         servicer: PoolControlServicer,
         tls: bool,
+        io: IoLoop | None = None,
     ) -> None:
         self._server = server
         self.address = address
@@ -94,10 +101,14 @@ class GrpcServerHandle:
         self._health = health
         self._servicer = servicer
         self.tls = tls
-        self._stopped: asyncio.Task[None] | None = None
+        self._io = io
+        self.loop = (io.loop if io is not None else None) or asyncio.get_running_loop()
+        self._stopped: asyncio.Future[None] | None = None
 
     @property
     def health(self) -> health_aio.HealthServicer:
+        """The health servicer (an object of :attr:`loop`: set statuses with
+        :meth:`set_health`)."""
         return self._health.servicer
 
     @property
@@ -106,25 +117,41 @@ class GrpcServerHandle:
 
     async def set_ready(self, ready: bool = True) -> None:
         """Report SERVING (when not draining) or NOT_SERVING on the health service."""
-        self._health.ready = ready
-        await self._health.update()
+
+        async def update() -> None:
+            self._health.ready = ready
+            await self._health.update()
+
+        await run_on(self.loop, update())
+
+    async def set_health(
+        self, name: str, status: health_pb2.HealthCheckResponse.ServingStatus
+    ) -> None:
+        """Set the health status of ``name`` (a service name of the health service)."""
+        await run_on(self.loop, self._health.servicer.set(name, status))
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Health NOT_SERVING, end following streams, then stop with ``grace`` seconds
-        for calls in progress. Idempotent; concurrent calls wait for the same stop."""
+        for calls in progress, and end the server's loop. Idempotent; concurrent
+        calls wait for the same stop."""
         if self._stopped is None:
             self._stopped = asyncio.ensure_future(self._stop(grace))
         await asyncio.shield(self._stopped)
 
     async def _stop(self, grace: float | None) -> None:
+        await run_on(self.loop, self._stop_server(grace))
+        if self._io is not None:
+            await self._io.stop()
+        log.info("control.stopped", address=self.address, port=self.port)
+
+    async def _stop_server(self, grace: float | None) -> None:
         self._health.stopping = True
         await self._health.servicer.enter_graceful_shutdown()
         self._servicer.shutdown()
         await self._server.stop(grace)
-        log.info("control.stopped", address=self.address, port=self.port)
 
     async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()
+        await run_on(self.loop, self._server.wait_for_termination())
 
     async def __aenter__(self) -> GrpcServerHandle:
         return self
@@ -145,6 +172,7 @@ async def start_grpc_server(
     registry: CollectorRegistry | None = None,
     stream_buffer: int = DEFAULT_STREAM_BUFFER,
     replay_capacity: int = 1024,
+    own_loop: bool = True,
 ) -> GrpcServerHandle:
     """Bind and start the control plane for ``target``; return its handle.
 
@@ -158,6 +186,12 @@ async def start_grpc_server(
     ``ready=False`` starts with health NOT_SERVING until ``handle.set_ready()``.
     Raises :class:`GrpcConfigError` for a bad address, unreadable TLS files or
     a port that cannot be bound.
+
+    The server runs on an event loop of its own, in a thread (``own_loop``;
+    ``False``: on the caller's loop), so that the control plane answers while
+    the caller's loop (the service's, which runs ``target``) is busy. RPCs that
+    touch ``target`` run their body on the caller's loop (see
+    :class:`~server._grpc._servicer.PoolControlServicer`).
     """
     host, _ = split_address(address)
     auth = TokenAuth(admin_token, read_token)
@@ -183,6 +217,54 @@ async def start_grpc_server(
         raise GrpcConfigError("stream_buffer must be positive")
 
     metrics = control_metrics(registry)
+    service_loop = asyncio.get_running_loop()
+    build = functools.partial(
+        _start,
+        target,
+        address=address,
+        auth=auth,
+        credentials=credentials,
+        metrics=metrics,
+        service_loop=service_loop,
+        stream_buffer=stream_buffer,
+        replay_capacity=replay_capacity,
+    )
+    io: IoLoop | None = None
+    if own_loop:
+        io = IoLoop("grpc-control", what="the control plane")
+        io.start()
+        try:
+            handle = await io.call(build(io))
+        except BaseException:
+            await io.stop()
+            raise
+    else:
+        handle = await build(None)
+    await handle.set_ready(ready)
+    log.info(
+        "control.started",
+        address=address,
+        port=handle.port,
+        tls=credentials is not None,
+        mtls=bool(tls and tls.client_ca_file),
+        auth=auth.enabled,
+    )
+    return handle
+
+
+async def _start(
+    target: ControlTarget,
+    io: IoLoop | None,
+    *,
+    address: str,
+    auth: TokenAuth,
+    credentials: grpc.ServerCredentials | None,
+    metrics: ControlMetrics,
+    service_loop: asyncio.AbstractEventLoop,
+    stream_buffer: int,
+    replay_capacity: int,
+) -> GrpcServerHandle:
+    """Build, bind and start the server on the running loop (the server's)."""
     health = HealthState(health_aio.HealthServicer(), names=("", SERVICE_NAME))
     servicer = PoolControlServicer(
         target,
@@ -190,6 +272,7 @@ async def start_grpc_server(
         metrics=metrics,
         replay_capacity=replay_capacity,
         stream_buffer=stream_buffer,
+        service_loop=service_loop,
     )
     interceptor = ControlInterceptor(
         auth, metrics, service=SERVICE_NAME, mutating=MUTATING_METHODS, skip={HEALTH_SERVICE_NAME}
@@ -214,21 +297,12 @@ async def start_grpc_server(
     if port == 0:
         raise GrpcConfigError(f"cannot bind the control API to {address}")
     await server.start()
-    handle = GrpcServerHandle(
+    return GrpcServerHandle(
         server,
         address=address,
         port=port,
         health=health,
         servicer=servicer,
         tls=credentials is not None,
+        io=io,
     )
-    await handle.set_ready(ready)
-    log.info(
-        "control.started",
-        address=address,
-        port=port,
-        tls=credentials is not None,
-        mtls=bool(tls and tls.client_ca_file),
-        auth=auth.enabled,
-    )
-    return handle

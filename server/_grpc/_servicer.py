@@ -11,9 +11,19 @@ mutating call acts on the fleet; its branch, at the top of
 ``SetPoolMode``/``SetRollout``/``Pause``/``Resume``, goes through
 :mod:`server._grpc._fleet` (the control topic) instead of the target.
 
+Loops: the methods run on the server's event loop (a thread of its own, see
+:func:`~server._grpc._server.start_grpc_server`). What reads or changes the
+target's state (the switch, the consumer, pauses, drains, dead letters, a
+status snapshot) runs on the service's loop through :meth:`_on_service`
+(:func:`~server._loops.run_on`; a stream through
+:func:`~server._loops.iterate_on`); validation, the replay cache, health and
+the fleet-scope calls (which hop to the fleet's loop themselves) stay on the
+server's loop.
+
 Adding an RPC: declare it in ``proto/`` (``make protos``), add its method
 here and its conversions to ``_convert.py``, and the target method it needs
-to :class:`~server._control.ControlTarget`. A call that changes the service
+to :class:`~server._control.ControlTarget` (its body through
+``self._on_service(...)`` if it touches the target). A call that changes the service
 goes in :data:`MUTATING_METHODS` (admin token, audit) and runs through
 ``self._replay.run(...)`` so a repeated ``request_id`` gets the first answer.
 """
@@ -24,7 +34,7 @@ import asyncio
 import collections
 import heapq
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeAlias, TypeVar
 
 import grpc
@@ -32,7 +42,14 @@ from actorpool.control.v1 import control_pb2 as pb
 from actorpool.control.v1 import control_pb2_grpc as pb_grpc
 
 from pool import PoolMode
-from server._control import ControlTarget, DrainIncompleteError, DrainProgress
+from server._control import (
+    ControlTarget,
+    DeadLetterFilter,
+    DrainIncompleteError,
+    DrainProgress,
+    ModeSwitch,
+    SwitchOutcome,
+)
 from server._control_metrics import ControlMetrics
 from server._dlq_subscription import DeadLetterSubscription
 from server._fleet import FleetControl
@@ -56,6 +73,7 @@ from server._grpc._convert import (
 from server._grpc._health import HealthState
 from server._grpc._replay import ReplayCache, replayed, retrieve_exception
 from server._grpc._status import InvalidArgumentError
+from server._loops import iterate_on, run_on
 
 __all__ = [
     "DEFAULT_STREAM_BUFFER",
@@ -78,7 +96,15 @@ MAX_STREAM_BUFFER: Final = 100_000
 MAX_AGGREGATE_ID: Final = 256
 
 _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_T = TypeVar("_T")
 _SwitchResponse = TypeVar("_SwitchResponse", pb.SetPoolModeResponse, pb.SetRolloutResponse)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _active_modes(mode: PoolMode, rollout: float) -> set[PoolMode]:
@@ -101,8 +127,10 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         metrics: ControlMetrics,
         replay_capacity: int = 1024,
         stream_buffer: int = DEFAULT_STREAM_BUFFER,
+        service_loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._target = target
+        self._service_loop = service_loop
         self._health = health
         self._metrics = metrics
         self._replay = ReplayCache(replay_capacity)
@@ -115,20 +143,42 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
     def shutdown(self) -> None:
         """End following streams (dead letters) so the server can stop promptly."""
         self._closing = True
+        loop = self._service_loop
+        if loop is None or loop is _running_loop():
+            self._close_streams()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._close_streams)
+
+    def _close_streams(self) -> None:
         for sub in list(self._streams):
             sub.close()
+
+    async def _on_service(self, body: Callable[[], Awaitable[_T]]) -> _T:
+        """``await body()`` on the service's loop, where the target's state lives
+        (the switch, the consumer, the dead-letter store); the caller is on the
+        server's loop."""
+
+        async def run() -> _T:
+            return await body()
+
+        return await run_on(self._service_loop or asyncio.get_running_loop(), run())
 
     # ---------------------------------------------------------- reads
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: _Context
     ) -> pb.GetStatusResponse:
-        response = status_to_pb(self._target.status())
-        fleet_rpc.add_replica_fleet_status(response, self._target)
-        return response
+        async def status() -> pb.GetStatusResponse:
+            response = status_to_pb(self._target.status())
+            fleet_rpc.add_replica_fleet_status(response, self._target)
+            return response
+
+        return await self._on_service(status)
 
     async def GetFleetStatus(
         self, request: pb.GetFleetStatusRequest, context: _Context
     ) -> pb.GetFleetStatusResponse:
+        # On the server's loop: the fleet's fold and reports are replaced, never
+        # mutated, by the fleet's own loop.
         return fleet_rpc.fleet_status(self._target)
 
     async def GetInboxDepth(
@@ -136,6 +186,13 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
     ) -> pb.GetInboxDepthResponse:
         if not 0 <= request.top <= MAX_TOP:
             raise InvalidArgumentError(f"top must be within 0..{MAX_TOP}, got {request.top}")
+        if len(request.aggregate_id) > MAX_AGGREGATE_ID:
+            raise InvalidArgumentError(f"aggregate_id longer than {MAX_AGGREGATE_ID} characters")
+        if request.pool != pb.POOL_MODE_UNSPECIFIED:
+            mode_from_pb(request.pool, "pool")
+        return await self._on_service(lambda: self._inbox_depth(request))
+
+    async def _inbox_depth(self, request: pb.GetInboxDepthRequest) -> pb.GetInboxDepthResponse:
         top = request.top or DEFAULT_TOP
         switch = self._target.switch
         active = _active_modes(switch.mode, switch.rollout_percent)
@@ -167,10 +224,6 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             response.total += entry.total
         if request.aggregate_id:
             aggregate = request.aggregate_id
-            if len(aggregate) > MAX_AGGREGATE_ID:
-                raise InvalidArgumentError(
-                    f"aggregate_id longer than {MAX_AGGREGATE_ID} characters"
-                )
             mode, index = switch.where(aggregate)
             pool = switch.pools[mode]
             response.aggregate.CopyFrom(
@@ -201,11 +254,19 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             )
 
         async def change() -> pb.SetPoolModeResponse:
-            async with self._switch_lock:
-                outcome = await self._target.switch.set_mode(mode, wait_timeout=wait)
+            outcome = await self._on_service(
+                lambda: self._switch(lambda s: s.set_mode(mode, wait_timeout=wait))
+            )
             return pb.SetPoolModeResponse(result=switch_result_to_pb(outcome))
 
         return await self._replay.run("SetPoolMode", request.request_id, change)
+
+    async def _switch(
+        self, change: Callable[[ModeSwitch], Awaitable[SwitchOutcome]]
+    ) -> SwitchOutcome:
+        """A replica-scope switch change, one at a time (on the service's loop)."""
+        async with self._switch_lock:
+            return await change(self._target.switch)
 
     async def _switch_fleet(
         self,
@@ -244,8 +305,9 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             )
 
         async def change() -> pb.SetRolloutResponse:
-            async with self._switch_lock:
-                outcome = await self._target.switch.set_rollout(percent, wait_timeout=wait)
+            outcome = await self._on_service(
+                lambda: self._switch(lambda s: s.set_rollout(percent, wait_timeout=wait))
+            )
             return pb.SetRolloutResponse(result=switch_result_to_pb(outcome))
 
         return await self._replay.run("SetRollout", request.request_id, change)
@@ -270,7 +332,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             return await self._replay.run("Pause", request.request_id, pause_fleet)
 
         async def pause() -> pb.PauseResponse:
-            paused = await self._target.pause(partitions)
+            paused = await self._on_service(lambda: self._target.pause(partitions))
             return pb.PauseResponse(partitions=partitions_to_pb(paused))
 
         return await self._replay.run("Pause", request.request_id, pause)
@@ -298,7 +360,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
             return await self._replay.run("Resume", request.request_id, resume_fleet)
 
         async def resume() -> pb.ResumeResponse:
-            resumed = await self._target.resume(partitions)
+            resumed = await self._on_service(lambda: self._target.resume(partitions))
             return pb.ResumeResponse(partitions=partitions_to_pb(resumed))
 
         return await self._replay.run("Resume", request.request_id, resume)
@@ -326,19 +388,29 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
 
         latest: collections.deque[DrainProgress] = collections.deque(maxlen=1)
         wake = asyncio.Event()
+        here = asyncio.get_running_loop()
 
-        def on_progress(progress: DrainProgress) -> None:
+        def progressed(progress: DrainProgress) -> None:
             latest.append(progress)
             wake.set()
+
+        def on_progress(progress: DrainProgress) -> None:
+            # Called on the service's loop; the stream is on the server's.
+            if asyncio.get_running_loop() is here:
+                progressed(progress)
+            else:
+                here.call_soon_threadsafe(progressed, progress)
 
         self._health.draining += 1
         await self._health.update()
         drain = asyncio.create_task(
-            self._target.drain(
-                timeout=timeout,
-                partitions=partitions,
-                resume_after=request.resume_after,
-                progress=on_progress,
+            self._on_service(
+                lambda: self._target.drain(
+                    timeout=timeout,
+                    partitions=partitions,
+                    resume_after=request.resume_after,
+                    progress=on_progress,
+                )
             ),
             name="control-drain",
         )
@@ -390,6 +462,15 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         if request.buffer_size < 0:
             raise InvalidArgumentError("buffer_size must be >= 0")
         dl_filter = filter_from_pb(request.filter)
+        loop = self._service_loop or asyncio.get_running_loop()
+        async for response in iterate_on(loop, lambda: self._dead_letters(request, dl_filter)):
+            yield response
+
+    async def _dead_letters(
+        self, request: pb.StreamDeadLettersRequest, dl_filter: DeadLetterFilter
+    ) -> AsyncIterator[pb.StreamDeadLettersResponse]:
+        """StreamDeadLetters' answers, produced on the service's loop (the
+        dead-letter store and its subscriptions live there)."""
         limit = request.backlog_limit or None
         follow = request.follow and not self._closing
         sub = DeadLetterSubscription.open(
@@ -425,7 +506,7 @@ class PoolControlServicer(pb_grpc.PoolControlServicer):
         ids, dl_filter = redrive_selection_from_pb(request)
 
         async def redrive() -> pb.RedriveDeadLettersResponse:
-            result = await self._target.redrive(ids=ids, filter=dl_filter)
+            result = await self._on_service(lambda: self._target.redrive(ids=ids, filter=dl_filter))
             return pb.RedriveDeadLettersResponse(
                 matched=result.matched,
                 republished=result.republished,

@@ -8,12 +8,17 @@ on the embedded broker, driven over their real gRPC control planes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 from actorpool.control.v1 import control_pb2 as pb
+from actorpool.control.v1 import control_pb2_grpc as pb_grpc
+from google.protobuf import duration_pb2
 from structlog.testing import capture_logs
 
 from clients import (
@@ -383,3 +388,48 @@ async def test_a_burst_of_fleet_writes_ends_with_the_last_one_applied(
             lambda: fleet.applied_generation == last, message="the last generation applied"
         )
         assert svc.switch.rollout_percent == fleet.desired.rollout
+
+
+async def test_fleet_calls_answer_while_the_service_loop_is_blocked(
+    broker: EmbeddedBroker, make_topic: MakeTopic
+) -> None:
+    topic = await make_topic(partitions=2)
+    async with replica(broker, topic, f"{topic}-g") as (svc, client, _):
+        fleet = svc.fleet
+        assert fleet is not None
+        assert svc.endpoints is not None
+        address = svc.endpoints.grpc_address
+        assert address is not None
+        await assert_eventually(lambda: svc.instance in fleet.reports, message="own report")
+        with (
+            grpc.insecure_channel(address) as channel,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
+            stub = pb_grpc.PoolControlStub(channel)
+            # A call that needs the service's loop, from another thread: it waits.
+            status = pool.submit(stub.GetStatus, pb.GetStatusRequest(), timeout=30)
+            # Blocking calls made on the service's own loop, which they hold
+            # until they answer: they answer only because neither needs it.
+            held = time.monotonic()
+            reply = stub.GetFleetStatus(pb.GetFleetStatusRequest(), timeout=10)
+            assert reply.enabled
+            assert reply.instance == svc.instance
+            switched = stub.SetPoolMode(
+                pb.SetPoolModeRequest(
+                    mode=pb.POOL_MODE_ACTOR,
+                    scope=pb.SCOPE_FLEET,
+                    wait_timeout=duration_pb2.Duration(seconds=0),
+                ),
+                timeout=10,
+            )
+            assert switched.fleet.generation == 1
+            assert [r.outcome for r in switched.fleet.replicas] == [pb.REPLICA_OUTCOME_PENDING]
+            # Not applied yet: the service's loop has not run a step since.
+            assert mode_of(svc) is PoolMode.KEYED
+            assert not status.done()
+            assert time.monotonic() - held < 10
+            # The block ends: the service's loop applies, and the waiting call answers.
+            answered = await asyncio.wait_for(asyncio.wrap_future(status), 30)
+            assert answered.mode in (pb.POOL_MODE_KEYED, pb.POOL_MODE_ACTOR)
+        await assert_eventually(lambda: mode_of(svc) is PoolMode.ACTOR, message="applied")
+        assert (await client.status()).fleet.applied_generation == 1
