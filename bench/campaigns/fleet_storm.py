@@ -4,10 +4,12 @@ with a kill -9 of a random replica every 20 switches."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import json
+import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 from actorpool.control.v1 import control_pb2 as pb
 
 from bench.campaigns._harness import (
+    ROOT,
     ServiceProcess,
     SteadyProducer,
     account,
@@ -28,8 +31,6 @@ from bench.campaigns._harness import (
     result,
     wait_for,
 )
-from clients import AsyncPoolControlClient
-from server._loops import IoLoop
 
 NAME = "fleet_storm"
 DESCRIPTION = (
@@ -153,42 +154,98 @@ async def _loop_lag(lags: list[float], stop: asyncio.Event, every: float = 0.005
         lags.append((time.monotonic() - before - every) * 1000)
 
 
-class _Channels:
-    """One control channel per replica process, connected before its first
-    switch (a call's latency is then the switch's, not a connect's)."""
+class _Caller:
+    """The switch client, a process of its own (``_fleet_caller``): as an
+    operator's client, it shares neither this process's loop nor its GIL with
+    the producer. One request line per switch on its stdin, one answer line
+    back; the call's time is measured in the child."""
 
-    def __init__(self) -> None:
-        self._open: dict[str, tuple[int, AsyncPoolControlClient]] = {}
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self._proc: asyncio.subprocess.Process | None = None
+        self._next = 0
+        self.loop_lag_ms: dict[str, float] = {}
 
-    async def get(self, svc: ServiceProcess) -> AsyncPoolControlClient:
-        kept = self._open.get(svc.name)
-        if kept is not None and kept[0] == svc.starts:
-            return kept[1]
-        if kept is not None:
-            await kept[1].close()
-        client = svc.client(timeout=30)
-        await client.status()
-        self._open[svc.name] = (svc.starts, client)
-        return client
+    @property
+    def _stderr(self) -> Path:
+        return self._workdir / "fleet-caller.err"
+
+    async def start(self) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        with self._stderr.open("wb") as err:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.campaigns._fleet_caller",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                cwd=ROOT,
+                env=env,
+            )
+
+    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            raise RuntimeError("the switch client is not started")
+        proc.stdin.write((json.dumps(request) + "\n").encode())
+        await proc.stdin.drain()
+        line = await proc.stdout.readline()
+        if not line:
+            tail = self._stderr.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the switch client exited ({proc.returncode}): {tail}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     async def switch(
         self, svc: ServiceProcess, kind: str, value: str | float
     ) -> tuple[pb.FleetResult, float]:
         """One fleet-scope switch through ``svc``: its result and how long the
-        call took (ms), from its start until it returned."""
-        client = await self.get(svc)
-        started = time.monotonic()
-        if kind == "mode":
-            fleet = (await client.set_mode(str(value), wait_timeout=10)).fleet
-        else:
-            fleet = (await client.set_rollout(float(value), wait_timeout=10)).fleet
-        return fleet, (time.monotonic() - started) * 1000
+        call took (ms, in the client), from its start until it returned."""
+        self._next += 1
+        answer = await self._ask(
+            {
+                "id": self._next,
+                "replica": svc.name,
+                "target": svc.grpc_address,
+                "kind": kind,
+                "value": value,
+                "wait_timeout": 10,
+            }
+        )
+        if answer.get("id") != self._next:
+            raise RuntimeError(f"answer {answer!r} to request {self._next}")
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        fleet = pb.FleetResult()
+        fleet.ParseFromString(base64.b64decode(answer["fleet"]))
+        return fleet, float(answer["ms"])
 
     async def close(self) -> None:
-        for _, client in self._open.values():
-            with contextlib.suppress(Exception):
-                await client.close()
-        self._open.clear()
+        """Close its stdin (it closes its channels, sends its loop lag and
+        exits); killed if it has not exited in 10 s."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+            if proc.stdout is not None:
+                async with asyncio.timeout(10):
+                    while line := await proc.stdout.readline():
+                        last = json.loads(line)
+                        if "loop_lag_ms" in last:
+                            self.loop_lag_ms = last["loop_lag_ms"]
+                    await proc.wait()
+        except (TimeoutError, ValueError, OSError):
+            pass
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
 
 async def _all_assigned(replicas: list[ServiceProcess]) -> bool:
@@ -224,11 +281,10 @@ async def run(quick: bool) -> dict[str, Any]:
         )
         stop = asyncio.Event()
         produce = asyncio.ensure_future(producer.run(rate, seconds=600, stop=stop))
-        # The calls run on an event loop of their own (a thread): the campaign's
-        # loop also produces the 10 000 events/s, and its turns are long.
-        caller = IoLoop("fleet-storm-calls")
-        caller.start()
-        channels = _Channels()
+        # The calls run in a process of their own (an operator's client is one):
+        # this process's loop and GIL also produce the 10 000 events/s.
+        caller = _Caller(env.workdir)
+        await caller.start()
         lags: list[float] = []
         lag_probe = asyncio.ensure_future(_loop_lag(lags, stop))
         took_ms: list[float] = []
@@ -280,7 +336,7 @@ async def run(quick: bool) -> dict[str, Any]:
                 else:
                     kind, value = "rollout", rng.choice(ROLLOUTS)
                 try:
-                    fleet, ms = await caller.call(channels.switch(through, kind, value))
+                    fleet, ms = await caller.switch(through, kind, value)
                 except Exception as exc:
                     errors.append(f"switch {n} through {through.name}: {exc!r}")
                     continue
@@ -322,8 +378,7 @@ async def run(quick: bool) -> dict[str, Any]:
         finally:
             stop.set()
             stats = await produce
-            await caller.call(channels.close())
-            await caller.stop()
+            await caller.close()
             await lag_probe
         truth = await read_topic(env.bootstrap, topic)
         keys = {(r.partition, r.offset) for r in truth}
@@ -390,6 +445,7 @@ async def run(quick: bool) -> dict[str, Any]:
                 "p99": round(percentile(lags, 0.99), 1),
                 "max": round(max(lags, default=0), 1),
             },
+            "client_loop_lag_ms": caller.loop_lag_ms,
             "switches": kinds,
             "incomplete": incomplete,
             "answered_down": answered_down,
@@ -405,11 +461,14 @@ async def run(quick: bool) -> dict[str, Any]:
                     "Latency is the client's: from the fleet-scope call until it "
                     "returned with every live replica's report of the new generation "
                     "applied (the control topic read back through the replica called). "
-                    "The calls run on an event loop of their own, in a thread (this "
-                    "process's main loop produces the 10 000 events/s: "
-                    "campaign_loop_lag_ms is how late that loop wakes a 5 ms sleeper), "
-                    "over one channel per replica process, connected before its first "
-                    "switch. server_p50/p99 are the replica's own figure "
+                    "The calls run in a client process of their own, as an operator's "
+                    "would (bench/campaigns/_fleet_caller.py: one request line on its "
+                    "stdin per switch, the call timed there), over one channel per "
+                    "replica process, connected before its first switch; this "
+                    "process's loop produces the 10 000 events/s "
+                    "(campaign_loop_lag_ms / client_loop_lag_ms: how late the "
+                    "campaign's / the client's loop wakes a 5 ms sleeper). "
+                    "server_p50/p99 are the replica's own figure "
                     "(FleetResult.took: from the call's arrival in its handler until "
                     "every live replica applied). A killed replica's report stays live "
                     "for three heartbeats (600 ms); the first switch after each kill "
@@ -424,7 +483,7 @@ async def run(quick: bool) -> dict[str, Any]:
                     "breakdown_ms (p50 / p99 / max, from the replicas' fleet.waited and "
                     "fleet.reported log lines): outside = the client's time minus the "
                     "server's (the call's way to the handler and back, on the called replica's "
-                    "gRPC loop, a thread of its own, and the client's thread); to_io_loop = "
+                    "gRPC loop, a thread of its own, and the client process); to_io_loop = "
                     "the handler "
                     "to the fleet's loop; write = the proposal written and read back; "
                     "wait = until every live replica reported it applied. Per replica: "
