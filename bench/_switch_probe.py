@@ -103,23 +103,45 @@ def _stack_sampler(main: int) -> None:
 
 
 def _patch() -> None:
-    """Wrap ``PoolSwitch._change`` and ``EventConsumer._dispatch_batch`` (W and D lines)."""
+    """Wrap the switch's rule change and ``EventConsumer._dispatch_batch`` (W and D lines).
+
+    The rule change is ``PoolSwitch._install`` where it exists (the one step
+    both an awaited change and ``change_nowait``, the fleet's apply, go
+    through; ``took`` is then the installation's), else ``PoolSwitch._change``
+    (older code, through ``--baseline-root``; ``took`` includes its wait)."""
     from pool import PoolMode, _switch
     from server import _consumer
 
-    change = _switch.PoolSwitch._change
-
-    async def recorded_change(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def before(self: Any) -> tuple[int, int, int, int]:
         old = self.pools[self.mode]
-        start = time.monotonic_ns()
-        events, deepest = old.in_flight, max(old.depths())
         counts = self._keyed_counts if self.mode is PoolMode.KEYED else self._actor_counts
-        aggregates = len(counts)
-        result = await change(self, *args, **kwargs)
-        _write(f"W,{start},{events},{deepest},{aggregates},{time.monotonic_ns() - start}\n")
-        return result
+        return time.monotonic_ns(), old.in_flight, max(old.depths()), len(counts)
 
-    _switch.PoolSwitch._change = recorded_change  # type: ignore[method-assign]
+    def record(seen: tuple[int, int, int, int]) -> None:
+        start, events, deepest, aggregates = seen
+        _write(f"W,{start},{events},{deepest},{aggregates},{time.monotonic_ns() - start}\n")
+
+    install = getattr(_switch.PoolSwitch, "_install", None)
+    if install is not None:
+
+        def recorded_install(self: Any, *args: Any, **kwargs: Any) -> Any:
+            seen, generation = before(self), self.generation
+            waiting = install(self, *args, **kwargs)
+            if self.generation != generation:  # the rule changed
+                record(seen)
+            return waiting
+
+        _switch.PoolSwitch._install = recorded_install  # type: ignore[method-assign]
+    else:
+        change = _switch.PoolSwitch._change
+
+        async def recorded_change(self: Any, *args: Any, **kwargs: Any) -> Any:
+            seen = before(self)
+            result = await change(self, *args, **kwargs)
+            record(seen)
+            return result
+
+        _switch.PoolSwitch._change = recorded_change  # type: ignore[method-assign]
 
     dispatch = _consumer.EventConsumer._dispatch_batch
 
