@@ -556,11 +556,18 @@ class EventConsumer:
         max_seen = self._max_dispatched.get(tp, -1)
         redelivered = 0
         closed = False
+        # ``tracker.add`` written out (one call less per record; its check is
+        # the one on ``last`` below): only this loop adds to a tracker, and
+        # the tracker never rebinds these two containers.
+        last = tracker.last_added
+        if last is None:
+            last = -1  # offsets are >= 0
+        pending_append = tracker._pending.append
+        unfinished_add = tracker._unfinished.add
         part.consumed_counter.inc(len(records))
         for record in records:
             offset = record.offset
-            last = tracker.last_added
-            if last is not None and offset <= last:
+            if offset <= last:
                 # Already dispatched in this assignment (a seek back): the first
                 # dispatch covers it, and its offset is tracked.
                 redelivered += 1
@@ -569,7 +576,9 @@ class EventConsumer:
                 redelivered += 1
             else:
                 max_seen = offset
-            tracker.add(offset)
+            tracker.last_added = last = offset
+            pending_append(offset)
+            unfinished_add(offset)
             self._in_flight += 1
             item = decode(
                 record.topic,
@@ -651,7 +660,10 @@ class EventConsumer:
         if outcome is not None:
             self._spawn(self._dead_letter(part, message.offset, outcome), "consumer.dlq")
             return
-        part.tracker.done(message.offset)
+        try:  # ``part.tracker.done(message.offset)`` written out: one call less
+            part.tracker._unfinished.remove(message.offset)
+        except KeyError:
+            raise ValueError(f"offset {message.offset} is not in flight") from None
         self._finished_total += 1
         self._in_flight -= 1
         if self._progress_waiters:
