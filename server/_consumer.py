@@ -303,6 +303,13 @@ class EventConsumer:
         #: pool hands the same object back, and a late finish of a revoked
         #: assignment lands on that assignment's tracker, never on a newer one.
         self._owners: dict[int, _Partition] = {}
+        #: The event ``_dispatch_batch`` is handing to the pool, and its
+        #: partition: an event that finishes inside that call (a handler's
+        #: eager first step) is matched here, with no ``_owners`` entry made
+        #: and removed; one that does not finish there is entered in
+        #: ``_owners`` when the call returns (before anything else can finish it).
+        self._handing: Message | None = None
+        self._handing_part: _Partition | None = None
         dispatcher.add_finish_listener(self._on_finished)
         self._fetch_task: asyncio.Task[None] | None = None
         #: Records the fetch loop may still dispatch before it yields (see _dispatch_fetched).
@@ -564,6 +571,7 @@ class EventConsumer:
             last = -1  # offsets are >= 0
         pending_append = tracker._pending.append
         unfinished_add = tracker._unfinished.add
+        self._handing_part = part
         part.consumed_counter.inc(len(records))
         for record in records:
             offset = record.offset
@@ -596,11 +604,11 @@ class EventConsumer:
             if backlog:
                 self._pauses.defer(tp, item)
                 continue
-            owners[id(item)] = part
+            self._handing = item
             try:
                 dispatch(item)
             except QueueFullError:
-                del owners[id(item)]
+                self._handing = None
                 self._pauses.defer(tp, item)  # the partition pauses for backpressure
                 self._sync_pauses()
                 part.backlog_task = self._spawn(
@@ -609,12 +617,15 @@ class EventConsumer:
                 continue
             except PoolClosedError:
                 # Shutting down: this offset stays unfinished (never committed).
-                del owners[id(item)]
+                self._handing = None
                 log.warning("consumer.pool_closed", topic=tp.topic, partition=tp.partition)
                 part.abandoned += 1
                 self._in_flight -= 1
                 closed = True
                 break
+            if self._handing is not None:  # not finished inside the call
+                self._handing = None
+                owners[id(item)] = part
         self._max_dispatched[tp] = max_seen
         if redelivered:
             self.metrics.redeliveries.labels(tp.topic, str(tp.partition)).inc(redelivered)
@@ -654,7 +665,11 @@ class EventConsumer:
         The hot path of the finish (``_finish`` written out): the offset is
         marked done in its tracker (the commit point moves when it is read,
         not here), and the progress event is set only while someone waits."""
-        part = self._owners.pop(id(message), None)
+        if message is self._handing:  # finished inside ``_dispatch_batch``'s call
+            self._handing = None
+            part = self._handing_part
+        else:
+            part = self._owners.pop(id(message), None)
         if part is None:
             return  # not dispatched by this consumer
         if outcome is not None:
