@@ -564,8 +564,11 @@ class EventConsumer:
         redelivered = 0
         closed = False
         # ``tracker.add`` written out (one call less per record; its check is
-        # the one on ``last`` below): only this loop adds to a tracker, and
-        # the tracker never rebinds these two containers.
+        # the one on ``last`` below), in two halves: the offset goes into the
+        # dispatch order at once, into the unfinished set only if the event
+        # does not finish inside its dispatch call (for one that does, the
+        # finish would take it out again). Only this loop adds to a tracker,
+        # and the tracker never rebinds these two containers.
         last = tracker.last_added
         if last is None:
             last = -1  # offsets are >= 0
@@ -586,8 +589,9 @@ class EventConsumer:
                 max_seen = offset
             tracker.last_added = last = offset
             pending_append(offset)
-            unfinished_add(offset)
-            self._in_flight += 1
+            # Unfinished and in flight from here, except for an event that
+            # finishes inside its dispatch call: that one is entered (and
+            # counted) only if it is still running when the call returns.
             item = decode(
                 record.topic,
                 record.partition,
@@ -598,10 +602,14 @@ class EventConsumer:
                 record.timestamp,
             )
             if isinstance(item, DeadLetter):
+                unfinished_add(offset)
+                self._in_flight += 1
                 self.metrics.intake_dead_letters.labels(str(item.reason)).inc()
                 self._spawn(self._dead_letter(part, offset, item), "consumer.dlq")
                 continue
             if backlog:
+                unfinished_add(offset)
+                self._in_flight += 1
                 self._pauses.defer(tp, item)
                 continue
             self._handing = item
@@ -609,6 +617,8 @@ class EventConsumer:
                 dispatch(item)
             except QueueFullError:
                 self._handing = None
+                unfinished_add(offset)
+                self._in_flight += 1
                 self._pauses.defer(tp, item)  # the partition pauses for backpressure
                 self._sync_pauses()
                 part.backlog_task = self._spawn(
@@ -618,13 +628,15 @@ class EventConsumer:
             except PoolClosedError:
                 # Shutting down: this offset stays unfinished (never committed).
                 self._handing = None
+                unfinished_add(offset)
                 log.warning("consumer.pool_closed", topic=tp.topic, partition=tp.partition)
                 part.abandoned += 1
-                self._in_flight -= 1
                 closed = True
                 break
             if self._handing is not None:  # not finished inside the call
                 self._handing = None
+                unfinished_add(offset)
+                self._in_flight += 1
                 owners[id(item)] = part
         self._max_dispatched[tp] = max_seen
         if redelivered:
@@ -666,8 +678,19 @@ class EventConsumer:
         marked done in its tracker (the commit point moves when it is read,
         not here), and the progress event is set only while someone waits."""
         if message is self._handing:  # finished inside ``_dispatch_batch``'s call
+            # Its offset is not entered as unfinished nor counted in flight
+            # yet (see ``_dispatch_batch``): a success has nothing to undo.
             self._handing = None
             part = self._handing_part
+            if part is None:
+                return  # pragma: no cover - set with ``_handing``
+            if outcome is None:
+                self._finished_total += 1
+                if self._progress_waiters:
+                    self._progress.set()
+                return
+            part.tracker._unfinished.add(message.offset)
+            self._in_flight += 1
         else:
             part = self._owners.pop(id(message), None)
         if part is None:
