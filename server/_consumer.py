@@ -303,6 +303,13 @@ class EventConsumer:
         #: pool hands the same object back, and a late finish of a revoked
         #: assignment lands on that assignment's tracker, never on a newer one.
         self._owners: dict[int, _Partition] = {}
+        #: The event ``_dispatch_batch`` is handing to the pool, and its
+        #: partition: an event that finishes inside that call (a handler's
+        #: eager first step) is matched here, with no ``_owners`` entry made
+        #: and removed; one that does not finish there is entered in
+        #: ``_owners`` when the call returns (before anything else can finish it).
+        self._handing: Message | None = None
+        self._handing_part: _Partition | None = None
         dispatcher.add_finish_listener(self._on_finished)
         self._fetch_task: asyncio.Task[None] | None = None
         #: Records the fetch loop may still dispatch before it yields (see _dispatch_fetched).
@@ -556,11 +563,22 @@ class EventConsumer:
         max_seen = self._max_dispatched.get(tp, -1)
         redelivered = 0
         closed = False
+        # ``tracker.add`` written out (one call less per record; its check is
+        # the one on ``last`` below), in two halves: the offset goes into the
+        # dispatch order at once, into the unfinished set only if the event
+        # does not finish inside its dispatch call (for one that does, the
+        # finish would take it out again). Only this loop adds to a tracker,
+        # and the tracker never rebinds these two containers.
+        last = tracker.last_added
+        if last is None:
+            last = -1  # offsets are >= 0
+        pending_append = tracker._pending.append
+        unfinished_add = tracker._unfinished.add
+        self._handing_part = part
         part.consumed_counter.inc(len(records))
         for record in records:
             offset = record.offset
-            last = tracker.last_added
-            if last is not None and offset <= last:
+            if offset <= last:
                 # Already dispatched in this assignment (a seek back): the first
                 # dispatch covers it, and its offset is tracked.
                 redelivered += 1
@@ -569,8 +587,11 @@ class EventConsumer:
                 redelivered += 1
             else:
                 max_seen = offset
-            tracker.add(offset)
-            self._in_flight += 1
+            tracker.last_added = last = offset
+            pending_append(offset)
+            # Unfinished and in flight from here, except for an event that
+            # finishes inside its dispatch call: that one is entered (and
+            # counted) only if it is still running when the call returns.
             item = decode(
                 record.topic,
                 record.partition,
@@ -581,17 +602,23 @@ class EventConsumer:
                 record.timestamp,
             )
             if isinstance(item, DeadLetter):
+                unfinished_add(offset)
+                self._in_flight += 1
                 self.metrics.intake_dead_letters.labels(str(item.reason)).inc()
                 self._spawn(self._dead_letter(part, offset, item), "consumer.dlq")
                 continue
             if backlog:
+                unfinished_add(offset)
+                self._in_flight += 1
                 self._pauses.defer(tp, item)
                 continue
-            owners[id(item)] = part
+            self._handing = item
             try:
                 dispatch(item)
             except QueueFullError:
-                del owners[id(item)]
+                self._handing = None
+                unfinished_add(offset)
+                self._in_flight += 1
                 self._pauses.defer(tp, item)  # the partition pauses for backpressure
                 self._sync_pauses()
                 part.backlog_task = self._spawn(
@@ -600,12 +627,17 @@ class EventConsumer:
                 continue
             except PoolClosedError:
                 # Shutting down: this offset stays unfinished (never committed).
-                del owners[id(item)]
+                self._handing = None
+                unfinished_add(offset)
                 log.warning("consumer.pool_closed", topic=tp.topic, partition=tp.partition)
                 part.abandoned += 1
-                self._in_flight -= 1
                 closed = True
                 break
+            if self._handing is not None:  # not finished inside the call
+                self._handing = None
+                unfinished_add(offset)
+                self._in_flight += 1
+                owners[id(item)] = part
         self._max_dispatched[tp] = max_seen
         if redelivered:
             self.metrics.redeliveries.labels(tp.topic, str(tp.partition)).inc(redelivered)
@@ -645,13 +677,31 @@ class EventConsumer:
         The hot path of the finish (``_finish`` written out): the offset is
         marked done in its tracker (the commit point moves when it is read,
         not here), and the progress event is set only while someone waits."""
-        part = self._owners.pop(id(message), None)
+        if message is self._handing:  # finished inside ``_dispatch_batch``'s call
+            # Its offset is not entered as unfinished nor counted in flight
+            # yet (see ``_dispatch_batch``): a success has nothing to undo.
+            self._handing = None
+            part = self._handing_part
+            if part is None:
+                return  # pragma: no cover - set with ``_handing``
+            if outcome is None:
+                self._finished_total += 1
+                if self._progress_waiters:
+                    self._progress.set()
+                return
+            part.tracker._unfinished.add(message.offset)
+            self._in_flight += 1
+        else:
+            part = self._owners.pop(id(message), None)
         if part is None:
             return  # not dispatched by this consumer
         if outcome is not None:
             self._spawn(self._dead_letter(part, message.offset, outcome), "consumer.dlq")
             return
-        part.tracker.done(message.offset)
+        try:  # ``part.tracker.done(message.offset)`` written out: one call less
+            part.tracker._unfinished.remove(message.offset)
+        except KeyError:
+            raise ValueError(f"offset {message.offset} is not in flight") from None
         self._finished_total += 1
         self._in_flight -= 1
         if self._progress_waiters:

@@ -81,6 +81,7 @@ _HEADER_RANK: Final = {name: rank for rank, name in enumerate(AGGREGATE_ID_HEADE
 MAX_AGGREGATE_ID_LENGTH: Final = 256
 _VALID_ID = re.compile(r"[A-Za-z0-9:_\-./]{1,256}")
 _VALID_ID_MATCH = _VALID_ID.fullmatch
+_VALID_IDS_MAX: Final = 65536
 
 _ENVELOPE_MARKERS: Final = ("event_id", "aggregate_id", "event_type", "event_version")
 _OPTIONAL_STRINGS: Final = ("trace_id", "correlation_id", "tenant_id")
@@ -249,13 +250,16 @@ class Decoder:
     ``missing_id_policy``). ``clock`` gives the dead letters' wall time.
     """
 
-    __slots__ = ("_clock", "_dead_letter_missing", "_max_value_bytes", "options")
+    __slots__ = ("_clock", "_dead_letter_missing", "_max_value_bytes", "_valid_ids", "options")
 
     def __init__(self, source: Any = None, *, clock: Callable[[], float] = time.time) -> None:
         self.options = _options_from(source)
         self._max_value_bytes = self.options.max_value_bytes
         self._dead_letter_missing = self.options.missing_id_policy == "dead-letter"
         self._clock = clock
+        # Aggregate IDs that passed the check: a set lookup instead of the
+        # regular expression for an aggregate seen before (cleared when full).
+        self._valid_ids: set[str] = set()
 
     def decode_record(self, record: Any) -> Message | DeadLetter:
         """:meth:`decode` for an ``aiokafka`` ``ConsumerRecord``."""
@@ -319,14 +323,17 @@ class Decoder:
         if value and (
             value[0] == _LBRACE or (value[0] in _WHITESPACE and value.lstrip()[:1] == b"{")
         ):
-            try:
-                parsed = _loads(value)
-            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-                return self._dead(
-                    MalformedEnvelopeError(f"value is not valid JSON: {str(exc)[:200]}"),
-                    topic, partition, offset, key, value, hdrs,
-                    self._fallback_id(id_headers, key), timestamp_ms, None,
-                )  # fmt: skip
+            try:  # ``_loads(value)`` written out: one call less
+                parsed = _MSGSPEC_DECODE(value)
+            except (msgspec.DecodeError, RecursionError):
+                try:
+                    parsed = json.loads(value)
+                except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                    return self._dead(
+                        MalformedEnvelopeError(f"value is not valid JSON: {str(exc)[:200]}"),
+                        topic, partition, offset, key, value, hdrs,
+                        self._fallback_id(id_headers, key), timestamp_ms, None,
+                    )  # fmt: skip
             if type(parsed) is dict and (
                 "event_id" in parsed
                 or "aggregate_id" in parsed
@@ -379,7 +386,10 @@ class Decoder:
                 candidate, source = text, "key"
 
         if candidate is not None:
-            if _VALID_ID_MATCH(candidate) is None:
+            valid_ids = self._valid_ids
+            if candidate in valid_ids:  # checked before (its hash is the pool's too)
+                pass
+            elif _VALID_ID_MATCH(candidate) is None:
                 why = (
                     f"longer than {MAX_AGGREGATE_ID_LENGTH} characters ({len(candidate)})"
                     if len(candidate) > MAX_AGGREGATE_ID_LENGTH
@@ -389,6 +399,10 @@ class Decoder:
                     InvalidAggregateIdError(f"{source} {_preview(candidate)}: {why}"),
                     topic, partition, offset, key, value, hdrs, "", timestamp_ms, envelope,
                 )  # fmt: skip
+            else:
+                if len(valid_ids) >= _VALID_IDS_MAX:
+                    valid_ids.clear()
+                valid_ids.add(candidate)
             aggregate_id = candidate
         elif self._dead_letter_missing:
             return self._dead(

@@ -33,6 +33,11 @@ class OffsetTracker:
     the unfinished offsets, not over the events finished since the last one.
     """
 
+    #: ``_pending`` and ``_unfinished`` are never rebound: the consumer's hot
+    #: path binds their ``append``/``add``/``remove`` (``add`` and ``done``
+    #: written out, with the same checks; an event that finishes inside its
+    #: dispatch call is appended to ``_pending`` only, which is the state
+    #: ``add`` then ``done`` leave).
     __slots__ = ("_floor", "_head", "_pending", "_unfinished", "last_added")
 
     #: The finished prefix of ``_pending`` is dropped once it is this long and
