@@ -478,29 +478,34 @@ class PoolSwitch:
         """Set the share (0-100 %) of aggregates the actor pool takes in ACTOR mode."""
         return await self._change(None, _to_basis_points(percent), wait_timeout)
 
+    async def change(
+        self,
+        mode: PoolMode | None = None,
+        rollout_percent: float | None = None,
+        *,
+        wait_timeout: float | None = 5.0,
+    ) -> list[SwitchResult]:
+        """Change the mode and the rollout together, as :meth:`set_mode` and
+        :meth:`set_rollout` one after the other, in the order that puts no rule
+        between the old and the new one in force (see :func:`_steps`). One
+        result per step, in order."""
+        return [await self._change(m, b, wait_timeout) for m, b in _steps(mode, rollout_percent)]
+
     def change_nowait(
         self, mode: PoolMode | None = None, rollout_percent: float | None = None
     ) -> list[SwitchResult] | None:
-        """Change the mode and the rollout now, as :meth:`set_mode` and
-        :meth:`set_rollout` with ``wait_timeout=0`` would (rollout first when
-        the mode is to be ACTOR, mode first otherwise, so no rule between the
-        old and the new one is in force), without awaiting anything: the new
-        rule is in force when it returns (the aggregates that must wait for
-        their earlier events are held, as after any change). One result per
-        step, in order. ``None`` (nothing done) while an awaited change holds
-        the switch: use the coroutines then.
+        """:meth:`change` with ``wait_timeout=0``, without awaiting anything:
+        the new rule is in force when it returns (the aggregates that must wait
+        for their earlier events are held, as after any change). One result
+        per step, in order. ``None`` (nothing done) while an awaited change
+        holds the switch: use the coroutines then.
 
         Synchronous: callable from a plain callback of the switch's event loop
         (never from another thread).
         """
         if self._lock.locked():
             return None
-        bp = None if rollout_percent is None else _to_basis_points(rollout_percent)
-        mode = None if mode is None else PoolMode(mode)
-        rollout_step = [] if bp is None else [(None, bp)]
-        mode_step = [] if mode is None else [(mode, None)]
-        steps = rollout_step + mode_step if mode is _ACTOR else mode_step + rollout_step
-        return [self._change_now(m, b) for m, b in steps]
+        return [self._change_now(m, b) for m, b in _steps(mode, rollout_percent)]
 
     def _change_now(self, mode: PoolMode | None, rollout_bp: int | None) -> SwitchResult:
         started = self._clock()
@@ -636,6 +641,19 @@ class PoolSwitch:
             for _, outer in held.events:
                 if outer is not None:
                     outer.cancel()
+
+
+def _steps(
+    mode: PoolMode | None, rollout_percent: float | None
+) -> list[tuple[PoolMode | None, int | None]]:
+    """The steps of a change of both: rollout first when the mode is to be
+    ACTOR, mode first otherwise, so that no rule between the old and the new
+    one is in force."""
+    bp = None if rollout_percent is None else _to_basis_points(rollout_percent)
+    mode = None if mode is None else PoolMode(mode)
+    rollout_step: list[tuple[PoolMode | None, int | None]] = [] if bp is None else [(None, bp)]
+    mode_step: list[tuple[PoolMode | None, int | None]] = [] if mode is None else [(mode, None)]
+    return rollout_step + mode_step if mode is _ACTOR else mode_step + rollout_step
 
 
 def _to_basis_points(percent: float) -> int:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from aiokafka import TopicPartition
 from grpc_health.v1 import health_pb2
 
-from pool import PoolMode, SwitchResult
+from pool import SwitchResult
 from server._fleet import APPLY_LATER, FleetControl, FleetOptions, LocalSnapshot
 from server._fleet_probe import identity_service
 from server._fleet_state import CHANGE_RESUME, DesiredState, Paused
@@ -95,14 +95,9 @@ async def apply_desired(
 ) -> SwitchResult | None:
     """Make this replica follow ``state``; the switch's combined result (or
     ``None`` when mode and rollout were already in force)."""
-    switch = service.switch
-    results: list[SwitchResult] = []
-    if state.mode is PoolMode.ACTOR:
-        results.append(await switch.set_rollout(state.rollout, wait_timeout=0))
-        results.append(await switch.set_mode(state.mode, wait_timeout=0))
-    else:
-        results.append(await switch.set_mode(state.mode, wait_timeout=0))
-        results.append(await switch.set_rollout(state.rollout, wait_timeout=0))
+    results = await service.switch.change(
+        mode=state.mode, rollout_percent=state.rollout, wait_timeout=0
+    )
     _hold(service, state, initial=initial)
     return _combined(results)
 
