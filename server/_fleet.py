@@ -635,7 +635,6 @@ class FleetControl:
     async def _apply_and_report(self, seen: float) -> None:
         """On the service's loop: apply the latest state, then report it."""
         begun = time.time()
-        self._apply_pending = False
         applied = await self._apply_latest(initial=False)
         self._report_applied(applied, seen, begun)
 
